@@ -1,0 +1,3 @@
+from remote_kernel.cli import main
+
+raise SystemExit(main())

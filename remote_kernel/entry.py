@@ -1,0 +1,174 @@
+"""Resolved, launchable entries: plain frozen dataclasses with a stable JSON form.
+
+config.py turns the TOML (validated by pydantic) into these; kernelspec.py stores
+``KernelEntry.to_dict()`` in ``kernel.json`` so that ``from-spec`` launches without the TOML and
+without importing pydantic (startup cost); the v1.1 ``-t`` command line builds them directly.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENTRY_SCHEMA = 1
+
+DEFAULT_PYTHON = "python3"
+DEFAULT_STARTUP_TIMEOUT = 60.0
+DEFAULT_KEEPALIVE = 15.0
+DEFAULT_RECONNECT_GRACE = 300.0
+HOST_KEY_POLICIES = ("strict", "accept-new")
+INTERRUPT_MODES = ("message", "signal")
+
+KERNEL_NAME_RULE = (
+    "Kernel names can only contain ASCII letters and numbers and these separators:"
+    " - . _ (hyphen, period, and underscore); they are stored lower-case."
+)
+_KERNEL_NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
+# [user@]host[:port]; IPv6 literals go in brackets: [user@][::1][:port]
+_TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?$")
+
+
+def is_valid_kernel_name(name: str) -> bool:
+    return bool(_KERNEL_NAME.match(name)) and name not in (".", "..")
+
+
+@dataclass(frozen=True)
+class Target:
+    """An ad-hoc ``[user@]host[:port]`` SSH target."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+
+def parse_target(text: str) -> Target:
+    """Parse ``[user@]host[:port]`` (IPv6 as ``[::1]``); raise ValueError saying what is expected."""
+    match = _TARGET.match(text.strip())
+    if not match:
+        raise ValueError(f"expected [user@]host[:port] (IPv6 in brackets, e.g. alice@[::1]:22), found {text!r}")
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, found {port} in {text!r}")
+    return Target(host=match["v6"] or match["host"], user=match["user"], port=port)
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """How to reach one SSH host. ``None`` means: ask ~/.ssh/config, then use ssh's default."""
+
+    name: str
+    hostname: str | None = None
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    proxy_jump: tuple[HostEntry, ...] = ()
+    known_hosts: str | None = None
+    host_key_policy: str = "strict"
+    keepalive: float = DEFAULT_KEEPALIVE
+
+    @property
+    def label(self) -> str:
+        """How the host is named in messages: ``alice@lab.example.org:2222 (lab)``."""
+        host = self.hostname or self.name
+        text = f"{self.user}@{host}" if self.user else host
+        if self.port:
+            text += f":{self.port}"
+        return text if host == self.name else f"{text} ({self.name})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hostname": self.hostname,
+            "port": self.port,
+            "user": self.user,
+            "identity_file": self.identity_file,
+            "proxy_jump": [hop.to_dict() for hop in self.proxy_jump],
+            "known_hosts": self.known_hosts,
+            "host_key_policy": self.host_key_policy,
+            "keepalive": self.keepalive,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HostEntry:
+        return cls(
+            name=str(data["name"]),
+            hostname=data.get("hostname"),
+            port=data.get("port"),
+            user=data.get("user"),
+            identity_file=data.get("identity_file"),
+            proxy_jump=tuple(cls.from_dict(hop) for hop in data.get("proxy_jump", ())),
+            known_hosts=data.get("known_hosts"),
+            host_key_policy=str(data.get("host_key_policy", "strict")),
+            keepalive=float(data.get("keepalive", DEFAULT_KEEPALIVE)),
+        )
+
+    @classmethod
+    def from_target(cls, text: str, **options: Any) -> HostEntry:
+        target = parse_target(text)
+        return cls(name=text, hostname=target.host, port=target.port, user=target.user, **options)
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """Everything needed to launch one remote kernel."""
+
+    name: str
+    host: HostEntry
+    display_name: str
+    python: str = DEFAULT_PYTHON
+    setup: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    command: tuple[str, ...] | None = None
+    kernel_args: tuple[str, ...] = ()
+    language: str = "python"
+    interrupt_mode: str = "signal"
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    reconnect_grace: float = DEFAULT_RECONNECT_GRACE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": ENTRY_SCHEMA,
+            "name": self.name,
+            "host": self.host.to_dict(),
+            "display_name": self.display_name,
+            "python": self.python,
+            "setup": list(self.setup),
+            "env": dict(sorted(self.env.items())),
+            "cwd": self.cwd,
+            "command": list(self.command) if self.command is not None else None,
+            "kernel_args": list(self.kernel_args),
+            "language": self.language,
+            "interrupt_mode": self.interrupt_mode,
+            "startup_timeout": self.startup_timeout,
+            "reconnect_grace": self.reconnect_grace,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KernelEntry:
+        command = data.get("command")
+        return cls(
+            name=str(data["name"]),
+            host=HostEntry.from_dict(data["host"]),
+            display_name=str(data.get("display_name", data["name"])),
+            python=str(data.get("python", DEFAULT_PYTHON)),
+            setup=tuple(data.get("setup", ())),
+            env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
+            cwd=data.get("cwd"),
+            command=tuple(command) if command is not None else None,
+            kernel_args=tuple(data.get("kernel_args", ())),
+            language=str(data.get("language", "python")),
+            interrupt_mode=str(data.get("interrupt_mode", "signal")),
+            startup_timeout=float(data.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
+            reconnect_grace=float(data.get("reconnect_grace", DEFAULT_RECONNECT_GRACE)),
+        )
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that affects the launch (sync compares these)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
