@@ -75,10 +75,11 @@ class HostEntry:
     def label(self) -> str:
         """How the host is named in messages: ``alice@lab.example.org:2222 (lab)``."""
         host = self.hostname or self.name
-        text = f"{self.user}@{host}" if self.user else host
+        shown = f"[{host}]" if ":" in host else host  # IPv6 literal: brackets keep the port apart
+        text = f"{self.user}@{shown}" if self.user else shown
         if self.port:
             text += f":{self.port}"
-        return text if host == self.name else f"{text} ({self.name})"
+        return text if self.name in (host, text) else f"{text} ({self.name})"
 
     def to_dict(self) -> dict[str, Any]:
         return {

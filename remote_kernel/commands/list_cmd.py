@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from remote_kernel.config import LoadedConfig
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -14,6 +17,36 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remote_kernel.errors import RemoteKernelError
+    from remote_kernel import config, console  # noqa: PLC0415 - lazy: keeps --help fast
 
-    raise RemoteKernelError("list is not implemented yet")
+    loaded = config.load_config(config.discover_config_path(args.config))
+    kernels = _kernel_rows(loaded)
+    if args.json:
+        console.emit_json("list", {"config": str(loaded.path), "kernels": kernels})
+        return 0
+    columns = list(kernels[0]) if kernels else ["name", "host", "display_name", "python"]
+    console.emit_table(f"kernels in {loaded.path}", columns,
+                       [[str(kernel[column]) for column in columns] for kernel in kernels])
+    return 0
+
+
+def _kernel_rows(loaded: LoadedConfig) -> list[dict[str, str]]:
+    """One dict per kernel, in file order: the --json objects and the table rows alike."""
+    states = _sync_states(loaded)
+    rows = []
+    for name, entry in loaded.entries().items():
+        row = {"name": name, "host": entry.host.label, "display_name": entry.display_name,
+               "python": entry.python}
+        if states is not None:
+            row["sync"] = states.get(name, "unknown")
+        rows.append(row)
+    return rows
+
+
+def _sync_states(loaded: LoadedConfig) -> dict[str, str] | None:
+    """Kernel name -> sync state ("in sync", "missing", "outdated"...); None: no sync column.
+
+    The sync engine fills this in; until then `list` shows the config alone.
+    """
+    del loaded
+    return None

@@ -14,6 +14,21 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remote_kernel.errors import RemoteKernelError
+    # Problems propagate as ConfigError: cli.py prints them (or the --json error document), exit 2.
+    from remote_kernel import config, console  # noqa: PLC0415 - lazy: keeps --help fast
 
-    raise RemoteKernelError("validate is not implemented yet")
+    loaded = config.load_config(config.discover_config_path(args.config))
+    kernels = list(loaded.entries())
+    hosts = list(loaded.model.hosts)
+    if args.json:
+        console.emit_json("validate", {
+            "ok": True, "path": str(loaded.path), "kernels": kernels, "hosts": hosts,
+        })
+    else:
+        console.emit_line(
+            f"{loaded.path}: OK, {_count(len(kernels), 'kernel')}, {_count(len(hosts), 'host')}")
+    return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
