@@ -1,0 +1,134 @@
+"""Local connection files and the local listening ports they name.
+
+A connection file holds the kernel's HMAC key, so it is only ever created 0600 (like
+jupyter_client's ``secure_write``). The local ports are bound *before* the SSH connection is
+made: a client that connects early is held open until the kernel exists (closing it would make
+ZMQ lose its first request), and a port in use is reported before any remote work is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remote_kernel.errors import LaunchError, UsageError
+from remote_kernel.protocol import CHANNELS
+
+log = logging.getLogger(__name__)
+LOCALHOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    ports: dict[str, int]
+    key: str
+    signature_scheme: str = "hmac-sha256"
+    ip: str = LOCALHOST
+    transport: str = "tcp"
+
+    def to_dict(self, kernel_name: str) -> dict[str, Any]:
+        info: dict[str, Any] = {f"{channel}_port": port for channel, port in self.ports.items()}
+        info.update(ip=self.ip, transport=self.transport, key=self.key,
+                    signature_scheme=self.signature_scheme, kernel_name=kernel_name)
+        return info
+
+
+def read_connection_file(path: Path) -> ConnectionInfo:
+    """Read a connection file written by Jupyter (or by us)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read connection file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise UsageError(f"connection file {path} is not valid JSON: {exc}") from exc
+    try:
+        ports = {channel: int(data[f"{channel}_port"]) for channel in CHANNELS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"connection file {path} lacks a valid port entry ({exc})",
+                         hint="it must hold shell_port, iopub_port, stdin_port, control_port, hb_port") from exc
+    if data.get("transport", "tcp") != "tcp":
+        raise UsageError(f"connection file {path} asks for transport {data.get('transport')!r}; only tcp is served locally")
+    ip = str(data.get("ip") or LOCALHOST)
+    if ip not in (LOCALHOST, "localhost"):
+        log.warning("connection file %s names ip %s; serving on %s only", path, ip, LOCALHOST)
+    return ConnectionInfo(ports=ports, key=str(data.get("key", "")),
+                          signature_scheme=str(data.get("signature_scheme") or "hmac-sha256"))
+
+
+def bind_listeners(ports: dict[str, int] | None) -> dict[str, socket.socket]:
+    """Listen on 127.0.0.1 for every channel (free ports when ``ports`` is None)."""
+    listeners: dict[str, socket.socket] = {}
+    try:
+        for channel in CHANNELS:
+            port = ports[channel] if ports else 0
+            listeners[channel] = _listen(channel, port)
+    except BaseException:
+        close_all(listeners.values())
+        raise
+    return listeners
+
+
+def _listen(channel: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A restart reuses the same ports while the old connections sit in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((LOCALHOST, port))
+    except OSError as exc:
+        sock.close()
+        raise LaunchError(
+            f"cannot listen on {LOCALHOST}:{port} for the {channel} channel: {exc.strerror}",
+            hint="another process uses that port; close it or let Jupyter pick new ports (restart the kernel)",
+        ) from exc
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def close_all(sockets: Any) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def new_connection_info(listeners: dict[str, socket.socket]) -> ConnectionInfo:
+    ports = {channel: sock.getsockname()[1] for channel, sock in listeners.items()}
+    return ConnectionInfo(ports=ports, key=secrets.token_hex(32))
+
+
+def write_connection_file(path: Path, info: ConnectionInfo, kernel_name: str) -> None:
+    """Create ``path`` 0600 (it holds the HMAC key) atomically; its directory is made 0700."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(info.to_dict(kernel_name), handle, indent=1)
+    os.replace(temporary, path)
+
+
+def default_connection_path(runtime_dir: Path, user: str, host: str) -> Path:
+    """``kernel-<user>@<host>.json`` like v1.1, with a suffix if that name is held by a live kernel."""
+    stem = f"kernel-{user}@{host}".replace("/", "_")
+    for attempt in range(1, 100):
+        candidate = runtime_dir / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
+        if not candidate.exists() or not _is_live(candidate):
+            return candidate
+    raise LaunchError(f"too many live kernels named {stem}-*.json in {runtime_dir}")
+
+
+def _is_live(path: Path) -> bool:
+    """A connection file is live if something still listens on its shell port."""
+    try:
+        port = int(json.loads(path.read_text(encoding="utf-8"))["shell_port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((LOCALHOST, port)) == 0

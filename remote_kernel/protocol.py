@@ -1,0 +1,203 @@
+"""The framing shared by both ends of the data path.
+
+Pure standard library, and Python 3.8 compatible: this file is also sent to the remote host and
+run there (see remote/agent.py), so no 3.9+ syntax or library calls at runtime.
+
+One SSH session's stdin/stdout carry every byte of the kernel's five ZMQ channels as frames::
+
+    type (1 byte) | stream id (4) | seq (8) | payload length (4) | payload
+
+Sequenced frames (everything but the link frames) are numbered per direction from 1. The sender
+keeps each one until the peer acknowledges it, so that after a dropped SSH connection the two ends
+re-send exactly what the other did not get: ZMQ loses PUB output and ROUTER replies the moment a
+TCP peer goes away, so the connections on both ends stay open and the byte streams are resumed.
+Link frames (HELLO, ACK, PING, PONG) belong to one connection and are never re-sent; their seq
+field carries the sender's cumulative acknowledgement.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import struct
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+HEADER = struct.Struct(">BIQI")
+MAX_PAYLOAD = 256 * 1024
+MAX_FRAME_PAYLOAD_ACCEPTED = 16 * 1024 * 1024  # a larger length means a corrupt stream
+
+# Sequenced frames.
+OPEN = 1  # launcher -> agent: a client connected to channel <payload> as stream <sid>
+DATA = 2  # both: bytes of stream <sid>
+CLOSE = 3  # both: stream <sid> is closed
+PAUSE = 4  # both: stop sending data of stream <sid> (the receiver's buffer for it is full)
+RESUME = 5  # both: stream <sid> may flow again
+SIGNAL = 6  # launcher -> agent: deliver signal <payload: decimal number> to the kernel's group
+SHUTDOWN = 7  # launcher -> agent: stop the kernel, clean up, exit
+READY = 8  # agent -> launcher: JSON, the kernel's sockets exist
+LOG = 9  # agent -> launcher: UTF-8 text from the remote side (kernel stderr/stdout, agent notes)
+EXITED = 10  # agent -> launcher: JSON, the kernel is gone (exit code, reason, stderr tail)
+# Link frames.
+HELLO = 20  # both: JSON handshake on (re)attach
+ACK = 21  # both: seq field = highest sequence number received in order
+PING = 22  # launcher -> agent: keeps the lease, asks for a PONG
+PONG = 23  # agent -> launcher
+
+LINK_FRAMES = frozenset((HELLO, ACK, PING, PONG))
+# Control frames jump the queue ahead of bulk data (an interrupt must not wait behind 50 MB).
+PRIORITY_FRAMES = frozenset((OPEN, CLOSE, PAUSE, RESUME, SIGNAL, SHUTDOWN, READY, EXITED))
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+# Remote IPC socket suffixes: the kernel binds ipc://<dir>/k-<n> for these fixed "ports".
+IPC_PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+
+# Per-stream flow control: a receiver whose pending bytes for one stream exceed HIGH asks the
+# sender to PAUSE that stream, and RESUMEs it below LOW, so one stalled client cannot hold up
+# the others. Globally, a sender stops reading its sources while UNACKED_LIMIT bytes await ACK.
+STREAM_HIGH_WATER = 8 * 1024 * 1024
+STREAM_LOW_WATER = 1024 * 1024
+UNACKED_LIMIT = 64 * 1024 * 1024
+ACK_EVERY_BYTES = 1024 * 1024
+ACK_EVERY_SECONDS = 0.2
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid frame stream, or a sequence number is out of order."""
+
+
+Frame = Tuple[int, int, int, bytes]  # (type, stream id, seq, payload)
+
+
+def encode(kind: int, sid: int, seq: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, sid, seq, len(payload)) + payload
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def decode_json(payload: bytes) -> Any:
+    return json.loads(payload.decode())
+
+
+class FrameDecoder:
+    """Incremental parser: feed bytes as they arrive, get whole frames back."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> List[Frame]:
+        self._buffer += data
+        frames: List[Frame] = []
+        view = self._buffer
+        offset = 0
+        while len(view) - offset >= HEADER.size:
+            kind, sid, seq, length = HEADER.unpack_from(view, offset)
+            if length > MAX_FRAME_PAYLOAD_ACCEPTED:
+                raise ProtocolError("frame of %d bytes: the stream is corrupt" % length)
+            end = offset + HEADER.size + length
+            if end > len(view):
+                break
+            frames.append((kind, sid, seq, bytes(view[offset + HEADER.size : end])))
+            offset = end
+        if offset:
+            del self._buffer[:offset]
+        return frames
+
+    def reset(self) -> None:
+        """Forget a partial frame: the connection that carried it is gone (it will be re-sent)."""
+        self._buffer.clear()
+
+
+class Outbox:
+    """Frames waiting to be sequenced and written, control frames first.
+
+    Sequence numbers are assigned when a frame leaves the outbox, so the order on the wire is
+    always the sequence order even though control frames overtake queued data.
+    """
+
+    def __init__(self) -> None:
+        self._priority: Deque[Tuple[int, int, bytes]] = collections.deque()
+        self._bulk: Deque[Tuple[int, int, bytes]] = collections.deque()
+        self.bulk_bytes = 0
+
+    def put(self, kind: int, sid: int, payload: bytes = b"") -> None:
+        if kind in PRIORITY_FRAMES:
+            self._priority.append((kind, sid, payload))
+        else:
+            self._bulk.append((kind, sid, payload))
+            self.bulk_bytes += len(payload)
+
+    def pop(self) -> Optional[Tuple[int, int, bytes]]:
+        if self._priority:
+            return self._priority.popleft()
+        if self._bulk:
+            item = self._bulk.popleft()
+            self.bulk_bytes -= len(item[2])
+            return item
+        return None
+
+    def __len__(self) -> int:
+        return len(self._priority) + len(self._bulk)
+
+
+class ReliableSender:
+    """Assigns sequence numbers and keeps every sequenced frame until the peer acknowledges it."""
+
+    def __init__(self) -> None:
+        self.next_seq = 1
+        self._unacked: Deque[Tuple[int, bytes]] = collections.deque()
+        self.unacked_bytes = 0
+
+    def sequence(self, kind: int, sid: int, payload: bytes) -> bytes:
+        seq = self.next_seq
+        self.next_seq += 1
+        wire = encode(kind, sid, seq, payload)
+        self._unacked.append((seq, wire))
+        self.unacked_bytes += len(wire)
+        return wire
+
+    def acknowledge(self, seq: int) -> None:
+        while self._unacked and self._unacked[0][0] <= seq:
+            self.unacked_bytes -= len(self._unacked.popleft()[1])
+
+    def unacknowledged(self) -> List[bytes]:
+        """Everything the peer has not confirmed, in order: what to re-send after a reattach."""
+        return [wire for _, wire in self._unacked]
+
+    @property
+    def last_sent(self) -> int:
+        return self.next_seq - 1
+
+
+class ReliableReceiver:
+    """Accepts sequenced frames exactly once and in order; tells when an ACK is due."""
+
+    def __init__(self) -> None:
+        self.received = 0  # highest seq accepted
+        self.acked = 0  # highest seq we told the peer about
+        self.bytes_since_ack = 0
+
+    def accept(self, seq: int, size: int) -> bool:
+        """True if the frame is new; False for a duplicate re-sent after a reattach."""
+        if seq <= self.received:
+            return False
+        if seq != self.received + 1:
+            raise ProtocolError("frame %d arrived after %d: frames were lost" % (seq, self.received))
+        self.received = seq
+        self.bytes_since_ack += size
+        return True
+
+    def ack_due(self, seconds_since_ack: float) -> bool:
+        if self.received == self.acked:
+            return False
+        return self.bytes_since_ack >= ACK_EVERY_BYTES or seconds_since_ack >= ACK_EVERY_SECONDS
+
+    def make_ack(self) -> bytes:
+        self.acked = self.received
+        self.bytes_since_ack = 0
+        return encode(ACK, 0, self.received)
+
+
+def hello(fields: Dict[str, Any], received: int) -> bytes:
+    return encode(HELLO, 0, received, encode_json(fields))
