@@ -221,7 +221,7 @@ def test_an_empty_file_is_a_valid_config_without_kernels(tmp_path: Path) -> None
 def test_the_model_is_frozen(tmp_path: Path) -> None:
     loaded = load_config(write(tmp_path, '[kernels.k]\nhost = "h.example.org"\n'))
     with pytest.raises(ValidationError):
-        loaded.model.kernels["k"].host = "elsewhere"  # type: ignore[misc]
+        loaded.model.kernels["k"].host = "elsewhere"
 
 
 # --- problems: each names its line and dotted key -----------------------------------------------
