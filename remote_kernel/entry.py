@@ -173,3 +173,14 @@ class KernelEntry:
         """A stable hash of everything that affects the launch (sync compares these)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def command_from_text(text: str) -> tuple[str, ...]:
+    """v1.1's ``-c "python -m spyder_kernels.console"`` as a kernel command: a leading python
+    token becomes ``{python}`` (the entry's interpreter, after its setup lines)."""
+    import shlex
+
+    words = shlex.split(text)
+    if words and re.fullmatch(r"(.*/)?python[0-9.]*", words[0]):
+        words[0] = "{python}"
+    return tuple(words)

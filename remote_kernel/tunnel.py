@@ -208,20 +208,22 @@ class Tunnel:
                 self._lost(uplink, f"writing to the SSH channel failed: {exc}")
 
     def _next_batch(self) -> tuple[Any, Any]:
-        """Wait (holding the lock) for something to send; None when the tunnel closes."""
-        while self._running:
+        """Wait (holding the lock) for something to send; None when the tunnel closes.
+        Closing still sends pending link frames: the agent waits for the ACK of its EXITED."""
+        while True:
             if self._uplink is not None:
                 chunks = self._raw
                 self._raw = []
                 size = sum(len(chunk) for chunk in chunks)
-                while size < WRITE_BATCH and (item := self._pop_allowed()) is not None:
+                while self._running and size < WRITE_BATCH and (item := self._pop_allowed()) is not None:
                     wire = self._sender.sequence(*item)
                     chunks.append(wire)
                     size += len(wire)
                 if chunks:
                     return b"".join(chunks), self._uplink
+            if not self._running:
+                return None, None
             self._lock.wait()
-        return None, None
 
     def _pop_allowed(self) -> tuple[int, int, bytes] | None:
         if self._sender.unacked_bytes >= P.UNACKED_LIMIT and self._outbox.bulk_bytes:

@@ -1,9 +1,17 @@
-"""remote-kernel from-spec KERNEL: launch from an installed kernelspec (what kernel.json runs)."""
+"""remote-kernel from-spec KERNEL: launch from an installed kernelspec (what kernel.json runs).
+
+This is the path Jupyter takes for every kernel start, so it stays light: no pydantic, no
+jupyter_client; everything needed is in the spec's ``metadata.remote_kernel.entry``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
+
+from remote_kernel.commands.start_cmd import add_connection_file_option
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -13,10 +21,43 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "Works without the config file.",
     )
     parser.add_argument("kernel", metavar="KERNEL", help="a kernelspec name on JUPYTER_PATH, or a directory holding kernel.json")
-    parser.add_argument("-f", "--connection-file", metavar="FILE", help="the connection file to serve (Jupyter passes {connection_file})")
+    add_connection_file_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from remote_kernel.errors import RemoteKernelError
+    from remote_kernel.commands.start_cmd import launch
 
-    raise RemoteKernelError("from-spec is not implemented yet")
+    return launch(load_spec_entry(args.kernel), args.connection_file)
+
+
+def find_spec_dir(kernel: str) -> Path:
+    """A directory holding kernel.json, or the first kernelspec named ``kernel`` on JUPYTER_PATH."""
+    from remote_kernel.errors import KernelspecError
+
+    candidate = Path(kernel).expanduser()
+    if (candidate / "kernel.json").is_file():
+        return candidate.resolve()
+    if "/" not in kernel:
+        from jupyter_core.paths import jupyter_path
+
+        for base in jupyter_path("kernels"):
+            if (Path(base) / kernel / "kernel.json").is_file():
+                return Path(base) / kernel
+    raise KernelspecError(f"no kernelspec {kernel!r}: not a directory with kernel.json, nor a name on JUPYTER_PATH",
+                          hint="run `remote-kernel sync`, or `jupyter kernelspec list` to see what is installed")
+
+
+def load_spec_entry(kernel: str) -> Any:
+    from remote_kernel.entry import KernelEntry
+    from remote_kernel.errors import KernelspecError
+
+    spec_file = find_spec_dir(kernel) / "kernel.json"
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        data = spec["metadata"]["remote_kernel"]["entry"]
+        return KernelEntry.from_dict(data)
+    except OSError as exc:
+        raise KernelspecError(f"cannot read {spec_file}: {exc.strerror}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KernelspecError(f"{spec_file} is not a kernelspec written by remote-kernel ({exc!r} missing or invalid)",
+                              hint="re-create it with `remote-kernel sync`") from exc

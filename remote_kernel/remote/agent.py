@@ -141,6 +141,7 @@ class Agent:
         for fd in (0, 1):
             os.set_blocking(fd, False)
         try:
+            self._replace_previous(self.config.get("replace"))
             self._prepare()
             self._start_kernel()
         except (AgentError, OSError) as exc:
@@ -153,6 +154,20 @@ class Agent:
         finally:
             self._cleanup()
         return 0
+
+    def _replace_previous(self, previous: Optional[Dict[str, str]]) -> None:
+        """A restart whose old launcher was SIGKILLed: stop the old kernel now, not after its lease."""
+        if not previous or not is_our_dir(previous["dir"]):
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(2.0)
+        try:
+            sock.connect(os.path.join(previous["dir"], AGENT_SOCKET))
+            sock.sendall(P.hello({"token": previous["token"], "kill": True}, 0))
+        except OSError:
+            pass  # already gone
+        finally:
+            sock.close()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.terminate_requested = True

@@ -1,0 +1,441 @@
+"""The lifecycle of one remote kernel.
+
+connect -> start the remote agent -> serve the local ports -> watch -> relay signals -> clean up,
+and reattach when the SSH connection drops. Jupyter runs this as the kernel process (kernel.json's
+argv), so it behaves like one: SIGINT interrupts the remote kernel and never kills the launcher
+(jupyter_client signals the whole process group, also before every shutdown); SIGTERM/SIGHUP shut
+the remote kernel down; the launcher exits as soon as the kernel exits, with a non-zero code and
+the reason when it died, so Jupyter's restarter can act.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import secrets
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remote_kernel import bootstrap, connection
+from remote_kernel import protocol as P
+from remote_kernel.entry import KernelEntry
+from remote_kernel.errors import EXIT_OK, LaunchError, RemoteKernelError
+from remote_kernel.tunnel import Event, Tunnel
+
+log = logging.getLogger(__name__)
+remote_log = logging.getLogger("remote_kernel.remote")
+
+SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
+ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+STDERR_TAIL = 40
+AGENT_NOTE = "agent: "
+RELAYED_SIGNALS = {signal.SIGINT: "interrupt"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclass
+class _State:
+    phase: str = "starting"  # starting | running | reconnecting | stopping
+    remote_dir: str | None = None
+    kernel_pid: int | None = None
+    stop_reason: str | None = None
+    shutdown_deadline: float = 0.0
+    lost_at: float = 0.0
+    next_attempt: float = 0.0
+    attempt: int = 0
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
+
+
+class Launcher:
+    """Runs one kernel entry until the kernel exits or we are told to stop."""
+
+    def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
+                 announce: Callable[[Path, KernelEntry], None] | None = None,
+                 runtime_dir: Path | None = None) -> None:
+        self.entry = entry
+        self.requested_file = connection_file
+        self.announce = announce
+        self.runtime_dir = runtime_dir
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.state = _State()
+        self.token = secrets.token_hex(32)
+        self.connection_path: Path | None = None
+        self.created_connection_file = False
+        self.tunnel: Tunnel | None = None
+        self.ssh: Any = None
+        self.started = time.monotonic()
+        self._stop_signal = threading.Event()
+
+    # ------------------------------------------------------------------------------ top level
+
+    def run(self) -> int:
+        previous = self._install_signal_handlers()
+        try:
+            self._prepare_local_side()
+            self._start_remote()
+            return self._loop()
+        finally:
+            self._restore_signal_handlers(previous)
+            self._cleanup()
+
+    def _prepare_local_side(self) -> None:
+        path = self.requested_file
+        if path is not None and path.exists():
+            info = connection.read_connection_file(path)
+            listeners = connection.bind_listeners(info.ports)
+        else:
+            listeners = connection.bind_listeners(None)
+            info = connection.new_connection_info(listeners)
+            path = path or self._default_connection_path()
+            connection.write_connection_file(path, info, self.entry.name)
+            self.created_connection_file = True
+        self.connection_path = path
+        self.info = info
+        ping = max(0.5, min(self.entry.host.keepalive, self.entry.reconnect_grace / 3))
+        self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
+        log.info("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
+
+    def _default_connection_path(self) -> Path:
+        runtime = self.runtime_dir or _jupyter_runtime_dir()
+        host = self.entry.host
+        user = host.user or os.environ.get("USER", "user")
+        return connection.default_connection_path(runtime, user, host.hostname or host.name)
+
+    # ------------------------------------------------------------------------------ remote side
+
+    def _open_session(self, *, start: bool) -> Any:
+        from remote_kernel import ssh  # paramiko is imported only when we really connect
+
+        began = time.monotonic()
+        conn = ssh.connect(self.entry.host)
+        connected = time.monotonic()
+        payload = bootstrap.agent_payload()
+        command = bootstrap.remote_command(self.entry, payload_size=len(payload), with_cwd=start)
+        try:
+            channel = conn.open_exec(command)
+        except BaseException:
+            conn.close()
+            raise
+        log.info("connected to %s in %.3f s; remote command started in %.3f s",
+                 self.entry.host.label, connected - began, time.monotonic() - connected)
+        old, self.ssh = self.ssh, conn
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        return channel, payload
+
+    def _start_remote(self) -> None:
+        assert self.tunnel is not None
+        channel, payload = self._open_session(start=True)
+        hello = {
+            "mode": "start", "name": self.entry.name, "key": self.info.key,
+            "signature_scheme": self.info.signature_scheme, "argv": bootstrap.kernel_argv(self.entry),
+            "env": dict(self.entry.env), "token": self.token,
+            "reconnect_grace": self.entry.reconnect_grace, "startup_timeout": self.entry.startup_timeout,
+            "replace": self._previous_kernel(),
+        }
+        # The key and token travel on stdin, inside the encrypted session; never in argv.
+        channel.sendall(payload + P.hello(hello, 0))
+        self.tunnel.attach(channel)
+        self.channel = channel
+        self.tunnel.start()
+
+    def _attach_remote(self) -> None:
+        assert self.tunnel is not None and self.state.remote_dir is not None
+        channel, payload = self._open_session(start=False)
+        channel.sendall(payload + P.hello({"mode": "attach", "dir": self.state.remote_dir}, 0))
+        self.channel = channel
+        self.tunnel.attach(channel, hello={"token": self.token})
+
+    # ------------------------------------------------------------------------------ main loop
+
+    def _loop(self) -> int:
+        while True:
+            result = self._tick()
+            if result is not None:
+                return result
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            result = self._handle(event)
+            if result is not None:
+                return result
+
+    def _tick(self) -> int | None:
+        now = time.monotonic()
+        state = self.state
+        if self._stop_signal.is_set() and state.phase != "stopping":
+            self._begin_shutdown(now)
+        if state.phase == "stopping" and now > state.shutdown_deadline:
+            log.warning("the remote kernel did not confirm its shutdown; it will be reaped after "
+                        "reconnect_grace=%g s", self.entry.reconnect_grace)
+            return EXIT_OK
+        if state.phase == "reconnecting" and now >= state.next_attempt:
+            self._try_reattach(now)
+        return None
+
+    def _handle(self, event: Event) -> int | None:
+        handler = getattr(self, f"_on_{event.kind}")
+        result: int | None = handler(event)
+        return result
+
+    def _on_ready(self, event: Event) -> None:
+        data = event.data
+        self.state.remote_dir = data.get("dir")
+        self.state.kernel_pid = data.get("kernel_pid")
+        if self.state.phase == "starting":
+            self.state.phase = "running"
+        self._write_state_file()
+        log.info("kernel ready on %s: pid %s, remote Python %s, %.3f s after launch",
+                 self.entry.host.label, data.get("kernel_pid"), data.get("python"),
+                 time.monotonic() - self.started)
+        if self.announce and self.connection_path:
+            self.announce(self.connection_path, self.entry)
+
+    def _on_log(self, event: Event) -> None:
+        text = str(event.data)
+        self.state.stderr_tail.append(text)
+        if text.startswith(AGENT_NOTE):  # the agent's own narration: -v
+            remote_log.info("remote %s", text)
+        else:  # the kernel's stderr/stdout, as a local kernel's would show in Jupyter's log
+            remote_log.warning("remote: %s", text)
+
+    def _on_stderr(self, event: Event) -> None:
+        for line in str(event.data).splitlines():
+            if line.strip():
+                self.state.stderr_tail.append(line)
+                remote_log.warning("remote: %s", line)
+
+    def _on_attached(self, event: Event) -> None:
+        lost_for = time.monotonic() - self.state.lost_at
+        log.warning("reattached to the remote kernel after %.1f s; nothing was lost", lost_for)
+        self.state.phase = "running"
+        self.state.attempt = 0
+
+    def _on_crashed(self, event: Event) -> int:
+        raise LaunchError(f"internal error in the data path: {event.data!r}") from event.data
+
+    def _on_exited(self, event: Event) -> int:
+        assert self.tunnel is not None
+        self.tunnel.acknowledge_now()
+        self.tunnel.flush()
+        data = event.data
+        if self.state.phase == "stopping" or data.get("code") == 0:
+            log.info("the remote kernel exited (%s)", data.get("reason"))
+            self._forget_state_file()
+            return EXIT_OK
+        self._forget_state_file()
+        tail = data.get("stderr_tail") or "\n".join(self.state.stderr_tail)
+        raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
+                          stderr_tail=tail, hint=_hint_for(tail))
+
+    def _on_link_lost(self, event: Event) -> int | None:
+        status = _exit_status(event.uplink)
+        if self.state.phase == "starting" or self.state.remote_dir is None:
+            self._raise_startup_failure(status)
+        if self.state.phase == "stopping":
+            return EXIT_OK
+        if self.state.phase == "reconnecting" and status == ATTACH_EXIT_GONE:
+            self._forget_state_file()
+            raise LaunchError(f"the remote kernel on {self.entry.host.label} is gone: it was reaped "
+                              f"after reconnect_grace={self.entry.reconnect_grace:g} s or it died",
+                              stderr_tail="\n".join(self.state.stderr_tail))
+        now = time.monotonic()
+        if self.state.phase == "running":
+            self.state.lost_at = now
+            self.state.attempt = 0
+            self.state.next_attempt = now
+            log.warning("lost the connection to %s (%s); reconnecting for up to %g s",
+                        self.entry.host.label, event.data, self.entry.reconnect_grace)
+        else:  # the channel of a reattach attempt closed: back off before the next one
+            self.state.next_attempt = now + _backoff(self.state.attempt)
+        self.state.phase = "reconnecting"
+        return None
+
+    def _raise_startup_failure(self, status: int | None) -> None:
+        tail = "\n".join(self.state.stderr_tail)
+        if status == bootstrap.CWD_FAILED_EXIT:
+            reason = f"the working directory {self.entry.cwd!r} does not exist on the remote host"
+        elif status == 127:
+            reason = f"the remote shell could not run {self.entry.python!r} (python)"
+        else:
+            reason = "the remote side ended before the kernel started" + (f" (exit status {status})" if status is not None else "")
+        raise LaunchError(f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: {reason}",
+                          stderr_tail=tail, hint=_hint_for(tail))
+
+    # ------------------------------------------------------------------------------ reconnect
+
+    def _try_reattach(self, now: float) -> None:
+        state = self.state
+        if now - state.lost_at > self.entry.reconnect_grace:
+            raise LaunchError(f"could not reconnect to {self.entry.host.label} within reconnect_grace="
+                              f"{self.entry.reconnect_grace:g} s; the remote kernel has been reaped",
+                              hint="check the network or the host; raise reconnect_grace for longer outages")
+        state.attempt += 1
+        try:
+            log.info("reconnect attempt %d to %s", state.attempt, self.entry.host.label)
+            self._attach_remote()
+        except RemoteKernelError as exc:
+            delay = _backoff(state.attempt)
+            state.next_attempt = time.monotonic() + delay
+            log.warning("reconnect attempt %d failed (%s); next in %.1f s", state.attempt, exc.message, delay)
+            return
+        # Wait for the agent's HELLO ("attached") or a new link_lost; give the attempt 15 s.
+        state.next_attempt = time.monotonic() + 15.0
+
+    # ------------------------------------------------------------------------------ stopping
+
+    def _begin_shutdown(self, now: float) -> None:
+        assert self.tunnel is not None
+        self.state.phase = "stopping"
+        self.state.shutdown_deadline = now + SHUTDOWN_WAIT
+        log.info("stopping the remote kernel (%s)", self.state.stop_reason or "requested")
+        self.tunnel.request_shutdown()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for signum in RELAYED_SIGNALS:
+            previous[signum] = signal.signal(signum, self._relay_signal)
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, self._request_stop)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _relay_signal(self, signum: int, frame: Any) -> None:
+        # Never die on SIGINT: jupyter_client interrupts (signals our whole group) before
+        # every shutdown, and Ctrl-C in a terminal means "interrupt the cell".
+        if self.tunnel is not None:
+            log.info("relaying %s to the remote kernel", signal.Signals(signum).name)
+            self.tunnel.send_signal(signum)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.state.stop_reason = f"received {signal.Signals(signum).name}"
+        self._stop_signal.set()
+
+    # ------------------------------------------------------------------------------ state file
+
+    def _state_file(self) -> Path | None:
+        """Where a restart finds the kernel it replaces (keyed by the connection file)."""
+        if self.requested_file is None:
+            return None
+        digest = hashlib.sha256(str(self.requested_file.resolve()).encode()).hexdigest()[:24]
+        return (self.runtime_dir or _jupyter_runtime_dir()) / "remote-kernel" / f"{digest}.json"
+
+    def _previous_kernel(self) -> dict[str, str] | None:
+        """The kernel a `restart(now=True)` left behind: its launcher was SIGKILLed, so its agent
+        waits out the lease. The new agent stops it at once instead (the token proves ownership)."""
+        path = self._state_file()
+        if path is None or not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if data.get("host") != self.entry.host.label or _pid_alive(int(data.get("pid", 0))):
+            return None
+        return {"dir": str(data["dir"]), "token": str(data["token"])}
+
+    def _write_state_file(self) -> None:
+        path = self._state_file()
+        if path is None or self.state.remote_dir is None:
+            return
+        record = {"pid": os.getpid(), "host": self.entry.host.label, "dir": self.state.remote_dir,
+                  "token": self.token}
+        # Holds the reattach token: 0600 in a 0700 directory, like a connection file.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+        os.replace(temporary, path)
+
+    def _forget_state_file(self) -> None:
+        path = self._state_file()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    # ------------------------------------------------------------------------------ cleanup
+
+    def _cleanup(self) -> None:
+        if self.tunnel is not None:
+            try:
+                self.tunnel.close()
+            except Exception:  # noqa: BLE001 - already reported through the events queue
+                log.debug("tunnel closed with an error", exc_info=True)
+        if self.ssh is not None:
+            with contextlib.suppress(Exception):
+                self.ssh.close()
+        if self.created_connection_file and self.connection_path is not None:
+            with contextlib.suppress(OSError):
+                self.connection_path.unlink()
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential back-off with jitter, so many launchers do not reconnect in lockstep."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempt - 1)) * random.uniform(0.7, 1.3)  # noqa: S311
+
+
+def _exit_status(uplink: Any) -> int | None:
+    getter = getattr(uplink, "exit_status", None)
+    if getter is None:
+        return None
+    deadline = time.monotonic() + 1.0
+    status: int | None = getter()
+    while status is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the exit-status message follows EOF closely
+        status = getter()
+    return status
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hint_for(stderr_tail: str) -> str | None:
+    if "No module named ipykernel" in stderr_tail:
+        return "install ipykernel for the remote python (`python -m pip install ipykernel`) or set `python` to one that has it"
+    if "No module named" in stderr_tail:
+        return "a module is missing on the remote python; check `python`, `setup` and `command`"
+    if "not found" in stderr_tail:
+        return "check `python` and the `setup` lines of this entry"
+    return None
+
+
+def _jupyter_runtime_dir() -> Path:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(jupyter_runtime_dir())
+
+
+def run_entry(entry: KernelEntry, connection_file: Path | None, *,
+              announce: Callable[[Path, KernelEntry], None] | None = None) -> int:
+    """Launch ``entry`` and serve it until the kernel exits; returns the exit code."""
+    return Launcher(entry, connection_file, announce=announce).run()
+
