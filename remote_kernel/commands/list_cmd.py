@@ -46,7 +46,8 @@ def _kernel_rows(loaded: LoadedConfig) -> list[dict[str, str]]:
 def _sync_states(loaded: LoadedConfig) -> dict[str, str] | None:
     """Kernel name -> sync state ("in sync", "missing", "outdated"...); None: no sync column.
 
-    The sync engine fills this in; until then `list` shows the config alone.
+    Judged on the kernelspec Jupyter would pick for each name (remote_kernel.sync.sync_states).
     """
-    del loaded
-    return None
+    from remote_kernel.sync import sync_states  # noqa: PLC0415 - lazy: keeps --help fast
+
+    return sync_states(loaded.entries().values(), config_path=loaded.path)
