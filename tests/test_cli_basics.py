@@ -129,9 +129,9 @@ def test_list_prints_a_plain_table_when_stdout_is_not_a_terminal(
         good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--config", str(good), "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split("\t") == ["name", "host", "display_name", "python"]
+    assert lines[0].split("\t") == ["name", "host", "display_name", "python", "sync"]
     assert lines[1].split("\t") == ["lab-py311", "alice@lab.example.org (lab)", "Python 3.11 (lab)",
-                                    "python3"]
+                                    "python3", "missing"]
     assert len(lines) == 3
 
 
