@@ -211,6 +211,9 @@ def parse_config(text: str, path: Path) -> LoadedConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_problem(exc, text, path)]) from exc
+    except RecursionError as exc:  # tomllib recurses per nesting level (a few hundred suffice)
+        message = "TOML syntax error: arrays or inline tables nested too deeply"
+        raise ConfigError([ConfigProblem(path=str(path), key="", message=message)]) from exc
     locator = _Locator(text)
     problems: list[tuple[Loc, str]] = list(_reference_problems(raw))
     model: ConfigFile | None = None
@@ -482,12 +485,18 @@ def _found(value: Any) -> str:
     kind = next((name for cls, name in _TOML_TYPES if isinstance(value, cls)), "date/time")
     if isinstance(value, dict):
         return f"a table with keys {', '.join(map(_toml_key, value)) or '(none)'}"
-    # json writes strings in TOML's double quotes and booleans as true/false; floats as Python does.
-    if isinstance(value, float):
-        text = repr(value)
-    else:
-        text = json.dumps(value, ensure_ascii=False, default=str)
+    text = _render(value)
     return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _render(value: Any) -> str:
+    """json writes strings in TOML's double quotes and booleans as true/false; floats as Python."""
+    if isinstance(value, float):
+        return repr(value)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # absurdly nested: the type alone says enough
+        return "(deeply nested)"
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -524,7 +533,7 @@ class _Locator:
         self.lines: dict[Loc, int] = {}
         self._newlines = [index for index, char in enumerate(text) if char == "\n"]
         self._table_arrays: dict[Loc, int] = {}
-        with contextlib.suppress(IndexError, ValueError):
+        with contextlib.suppress(IndexError, ValueError, RecursionError):
             self._document()
 
     def line_of(self, loc: Loc) -> int | None:

@@ -490,3 +490,11 @@ def test_a_relative_xdg_config_home_is_ignored_as_the_spec_says(
     monkeypatch.setenv("HOME", str(tmp_path))
     expected = tmp_path / ".config" / "remote-kernel" / "remote-kernels.toml"
     assert default_user_config_path() == expected
+
+
+@pytest.mark.parametrize("depth", [50, 400, 5000])
+def test_absurdly_deep_nesting_is_a_config_error_not_a_recursion_error(
+        tmp_path: Path, depth: int) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text('[kernels.k]\nhost = "h.example.org"\nsetup = ' + "[" * depth + "]" * depth)
+    assert problems_of(path)
