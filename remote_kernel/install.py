@@ -213,7 +213,7 @@ def derive_name(target: str) -> str:
     parsed = _parse_target(target)
     parts = [parsed.user, parsed.host, str(parsed.port) if parsed.port else None]
     text = "-".join(part for part in parts if part).lower()
-    return re.sub(r"[^a-z0-9._-]+", "-", text).strip("-.") or "remote"
+    return re.sub(r"[^a-z0-9._]+", "-", text).strip("-.") or "remote"
 
 
 def kernel_command(text: str) -> list[str]:

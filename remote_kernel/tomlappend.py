@@ -43,7 +43,7 @@ class TableNotFoundError(ValueError):
 def remove_table(text: str, path: KeyPath) -> str:
     """Cut the ``[path]`` table (and its ``[path.sub]`` tables right after it) out of text.
 
-    Comments and blank lines just before the next table stay (they usually describe it).
+    Comments between this table and the next stay (they usually describe what follows).
     Raises TableNotFoundError when the cut cannot be proven exact by re-parsing.
     """
     lines = text.splitlines(keepends=True)
@@ -53,8 +53,13 @@ def remove_table(text: str, path: KeyPath) -> str:
         raise TableNotFoundError(f"no [{'.'.join(path)}] header")
     after = (index for index, key in headers if index > start and key[: len(path)] != path)
     end = next(after, len(lines))
-    while end > start + 1 and _is_blank_or_comment(lines[end - 1]):
-        end -= 1
+    body_end = end
+    while body_end > start + 1 and _is_blank_or_comment(lines[body_end - 1]):
+        body_end -= 1
+    # Trailing comments stay with what follows; the blank lines before them go with the table.
+    while body_end < end and not lines[body_end].strip():
+        body_end += 1
+    end = body_end
     result = "".join(lines[:start] + lines[end:])
     _verify_removal(text, result, path)
     return result
