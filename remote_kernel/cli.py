@@ -42,7 +42,7 @@ class CommandModule(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
-class _UsageExit(Exception):
+class _UsageExit(Exception):  # noqa: N818 - a control-flow signal, not an error
     def __init__(self, status: int, message: str | None) -> None:
         super().__init__(message)
         self.status = status
@@ -52,10 +52,10 @@ class _UsageExit(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors through our handler (exit 2, no SystemExit mid-flight)."""
 
-    def exit(self, status: int = 0, message: str | None = None) -> Any:  # type: ignore[override]
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
         raise _UsageExit(status, message)
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise _UsageExit(EXIT_USAGE, f"{self.format_usage()}{self.prog}: error: {message}\n")
 
 
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in [*COMMANDS.values(), ADHOC_MODULE]:
         _command_module(module_name).register(subparsers, common)
     # argparse has no hidden subcommands: drop the v1.1 one from the listing in --help.
-    subparsers._choices_actions = [  # noqa: SLF001 - documented workaround, python/cpython#67037
-        action for action in subparsers._choices_actions if action.dest != ADHOC_COMMAND  # noqa: SLF001
+    subparsers._choices_actions = [
+        action for action in subparsers._choices_actions if action.dest != ADHOC_COMMAND
     ]
     return parser
 

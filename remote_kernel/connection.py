@@ -54,7 +54,8 @@ def read_connection_file(path: Path) -> ConnectionInfo:
         raise UsageError(f"connection file {path} lacks a valid port entry ({exc})",
                          hint="it must hold shell_port, iopub_port, stdin_port, control_port, hb_port") from exc
     if data.get("transport", "tcp") != "tcp":
-        raise UsageError(f"connection file {path} asks for transport {data.get('transport')!r}; only tcp is served locally")
+        transport = data.get("transport")
+        raise UsageError(f"connection file {path} asks for transport {transport!r}; only tcp is served locally")
     ip = str(data.get("ip") or LOCALHOST)
     if ip not in (LOCALHOST, "localhost"):
         log.warning("connection file %s names ip %s; serving on %s only", path, ip, LOCALHOST)
@@ -118,12 +119,12 @@ def default_connection_path(runtime_dir: Path, user: str, host: str) -> Path:
     stem = f"kernel-{user}@{host}".replace("/", "_")
     for attempt in range(1, 100):
         candidate = runtime_dir / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
-        if not candidate.exists() or not _is_live(candidate):
+        if not candidate.exists() or not is_live(candidate):
             return candidate
     raise LaunchError(f"too many live kernels named {stem}-*.json in {runtime_dir}")
 
 
-def _is_live(path: Path) -> bool:
+def is_live(path: Path) -> bool:
     """A connection file is live if something still listens on its shell port."""
     try:
         port = int(json.loads(path.read_text(encoding="utf-8"))["shell_port"])

@@ -48,8 +48,8 @@ def setup_logging(verbosity: int, *, default_level: int | None = None) -> None:
     """Rich on a terminal, plain lines when stderr is not a TTY (e.g. under Jupyter)."""
     level = verbosity_to_level(verbosity) if default_level is None or verbosity != 0 else default_level
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler
     if _stderr_is_terminal():
         from rich.logging import RichHandler

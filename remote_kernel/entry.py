@@ -30,7 +30,11 @@ KERNEL_NAME_RULE = (
 )
 _KERNEL_NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
 # [user@]host[:port]; IPv6 literals go in brackets: [user@][::1][:port]
-_TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?$")
+_TARGET = re.compile(
+    r"^(?:(?P<user>[^@\s]+)@)?"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:@\s\[\]]+))"
+    r"(?::(?P<port>\d+))?$"
+)
 
 
 def is_valid_kernel_name(name: str) -> bool:

@@ -74,7 +74,7 @@ class KernelspecError(RemoteKernelError):
     """A kernelspec could not be found, read or written."""
 
 
-class SyncConflict(RemoteKernelError):
+class SyncConflict(RemoteKernelError):  # noqa: N818 - reads as what it reports
     """Sync found a kernelspec it does not own where it wanted to write one."""
 
 

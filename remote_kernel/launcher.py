@@ -136,8 +136,13 @@ class Launcher:
                 old.close()
         return channel, payload
 
+    @property
+    def _tunnel(self) -> Tunnel:
+        if self.tunnel is None:
+            raise RuntimeError("the local side is not prepared")  # a bug, not a user error
+        return self.tunnel
+
     def _start_remote(self) -> None:
-        assert self.tunnel is not None
         channel, payload = self._open_session(start=True)
         hello = {
             "mode": "start", "name": self.entry.name, "key": self.info.key,
@@ -148,16 +153,13 @@ class Launcher:
         }
         # The key and token travel on stdin, inside the encrypted session; never in argv.
         channel.sendall(payload + P.hello(hello, 0))
-        self.tunnel.attach(channel)
-        self.channel = channel
-        self.tunnel.start()
+        self._tunnel.attach(channel)
+        self._tunnel.start()
 
     def _attach_remote(self) -> None:
-        assert self.tunnel is not None and self.state.remote_dir is not None
         channel, payload = self._open_session(start=False)
         channel.sendall(payload + P.hello({"mode": "attach", "dir": self.state.remote_dir}, 0))
-        self.channel = channel
-        self.tunnel.attach(channel, hello={"token": self.token})
+        self._tunnel.attach(channel, hello={"token": self.token})
 
     # ------------------------------------------------------------------------------ main loop
 
@@ -229,9 +231,8 @@ class Launcher:
         raise LaunchError(f"internal error in the data path: {event.data!r}") from event.data
 
     def _on_exited(self, event: Event) -> int:
-        assert self.tunnel is not None
-        self.tunnel.acknowledge_now()
-        self.tunnel.flush()
+        self._tunnel.acknowledge_now()
+        self._tunnel.flush()
         data = event.data
         if self.state.phase == "stopping" or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
@@ -272,7 +273,9 @@ class Launcher:
         elif status == 127:
             reason = f"the remote shell could not run {self.entry.python!r} (python)"
         else:
-            reason = "the remote side ended before the kernel started" + (f" (exit status {status})" if status is not None else "")
+            reason = "the remote side ended before the kernel started"
+            if status is not None:
+                reason += f" (exit status {status})"
         raise LaunchError(f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: {reason}",
                           stderr_tail=tail, hint=_hint_for(tail))
 
@@ -299,11 +302,10 @@ class Launcher:
     # ------------------------------------------------------------------------------ stopping
 
     def _begin_shutdown(self, now: float) -> None:
-        assert self.tunnel is not None
         self.state.phase = "stopping"
         self.state.shutdown_deadline = now + SHUTDOWN_WAIT
         log.info("stopping the remote kernel (%s)", self.state.stop_reason or "requested")
-        self.tunnel.request_shutdown()
+        self._tunnel.request_shutdown()
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -379,7 +381,7 @@ class Launcher:
         if self.tunnel is not None:
             try:
                 self.tunnel.close()
-            except Exception:  # noqa: BLE001 - already reported through the events queue
+            except Exception:
                 log.debug("tunnel closed with an error", exc_info=True)
         if self.ssh is not None:
             with contextlib.suppress(Exception):
@@ -391,7 +393,8 @@ class Launcher:
 
 def _backoff(attempt: int) -> float:
     """Exponential back-off with jitter, so many launchers do not reconnect in lockstep."""
-    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempt - 1)) * random.uniform(0.7, 1.3)  # noqa: S311
+    base: float = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
+    return base * random.uniform(0.7, 1.3)  # noqa: S311 - jitter, not cryptography
 
 
 def _exit_status(uplink: Any) -> int | None:
@@ -420,7 +423,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _hint_for(stderr_tail: str) -> str | None:
     if "No module named ipykernel" in stderr_tail:
-        return "install ipykernel for the remote python (`python -m pip install ipykernel`) or set `python` to one that has it"
+        return ("install ipykernel for the remote python (`python -m pip install ipykernel`) "
+                "or set `python` to one that has it")
     if "No module named" in stderr_tail:
         return "a module is missing on the remote python; check `python`, `setup` and `command`"
     if "not found" in stderr_tail:

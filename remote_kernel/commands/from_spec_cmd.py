@@ -20,7 +20,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         description="Launch the remote kernel described by a kernelspec written by `remote-kernel sync`. "
                     "Works without the config file.",
     )
-    parser.add_argument("kernel", metavar="KERNEL", help="a kernelspec name on JUPYTER_PATH, or a directory holding kernel.json")
+    parser.add_argument("kernel", metavar="KERNEL",
+                        help="a kernelspec name on JUPYTER_PATH, or a directory holding kernel.json")
     add_connection_file_option(parser)
 
 

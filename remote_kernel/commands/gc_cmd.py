@@ -9,14 +9,40 @@ from typing import Any
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "gc", parents=[common], help="remove orphaned remote kernels and stale files",
-        description="Kill orphaned remote kernels whose lease ran out, remove stale remote directories "
-                    "and stale local connection files.",
+        description="Stop orphaned remote kernels whose lease ran out, remove stale remote directories "
+                    "and stale local connection files. A remote PID is checked to still be ours first.",
     )
     parser.add_argument("--host", help="only this [hosts] name or target")
-    parser.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be removed, change nothing")
 
 
 def run(args: argparse.Namespace) -> int:
-    from remote_kernel.errors import RemoteKernelError
+    from pathlib import Path
 
-    raise RemoteKernelError("gc is not implemented yet")
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    from remote_kernel import console, inventory
+    from remote_kernel.commands.ps_cmd import host_targets
+    from remote_kernel.errors import EXIT_FAILED, EXIT_OK, RemoteKernelError
+
+    actions: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    for target in host_targets(args):
+        try:
+            answer = inventory.ask_host(target, {"mode": "gc", "dry_run": args.dry_run})
+        except RemoteKernelError as exc:
+            failures.append({"host": target.host.label, "error": exc.message})
+            console.emit_error(f"{target.host.label}: {exc}")
+            continue
+        actions += [{"host": target.host.label, **action} for action in answer.get("actions", [])]
+    actions += [{"host": "local", **a} for a in inventory.local_garbage(Path(jupyter_runtime_dir()), args.dry_run)]
+    if args.json:
+        console.emit_json("gc", {"ok": not failures, "dry_run": args.dry_run, "actions": actions, "failures": failures})
+    else:
+        verb = "would" if args.dry_run else "did"
+        rows = [[a["host"], a["action"], str(a.get("name") or ""), str(a.get("dir") or a.get("path") or "")]
+                for a in actions]
+        console.emit_table(f"gc ({verb})", ["host", "action", "entry", "where"], rows)
+        if not actions:
+            console.emit_line("nothing to clean up")
+    return EXIT_FAILED if failures else EXIT_OK

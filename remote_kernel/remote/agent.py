@@ -115,6 +115,8 @@ class Agent:
         self.exit_info: Dict[str, Any] = {}
         self.kill_deadline = 0.0
         self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.detached_wall: Optional[float] = None
         self.streams: Dict[int, Stream] = {}
         self.outbox = P.Outbox()
         self.sender = P.ReliableSender()
@@ -214,11 +216,19 @@ class Agent:
         self._write_info()
 
     def _write_info(self) -> None:
+        """agent.json: what `remote-kernel ps` / `gc` show and act on (no secrets in it)."""
+        if not self.dir:
+            return
         info = {
             "name": self.name, "agent_pid": os.getpid(), "kernel_pid": self.kernel.pid if self.kernel else None,
-            "started": time.time(), "grace": self.grace, "python": sys.executable,
+            "started": self.started_wall, "grace": self.grace, "python": sys.executable,
+            "attached": self.uplink_r is not None, "detached_at": self.detached_wall,
         }
         path = os.path.join(self.dir, AGENT_INFO)
+        try:
+            os.unlink(path + ".tmp")
+        except OSError:
+            pass
         write_private(path + ".tmp", json.dumps(info).encode())
         os.replace(path + ".tmp", path)
 
@@ -536,6 +546,8 @@ class Agent:
         self.uplink_sock = None
         self.wire.clear()
         self.decoder.reset()
+        self.detached_wall = time.time()
+        self._write_info()
         if self.state != "exited":
             self._log("%s; keeping the kernel for up to %.0f s (reconnect_grace)" % (why, self.grace))
 
@@ -631,6 +643,8 @@ class Agent:
         self.wire += P.hello({"state": self.state, "dir": self.dir}, self.receiver.received)
         for wire in self.sender.unacknowledged():
             self.wire += wire
+        self.detached_wall = None
+        self._write_info()
         self._log("launcher reattached; re-sending %d bytes" % self.sender.unacked_bytes)
         for frame in rest:
             self._handle_frame(frame)
@@ -714,9 +728,36 @@ def list_agents() -> List[Dict[str, Any]]:
         except (OSError, ValueError):
             info["stale"] = True
         pid = info.get("agent_pid")
-        info["alive"] = bool(pid) and _is_agent(int(pid))
+        info["alive"] = pid is not None and _is_agent(int(pid))
         found.append(info)
     return found
+
+
+STALE_MIN_AGE = 60.0  # never touch a directory younger than this: its agent may be starting
+
+
+def collect_garbage(dry_run: bool) -> List[Dict[str, Any]]:
+    """Remove directories whose agent is gone; stop agents orphaned well past their lease."""
+    actions = []
+    now = time.time()
+    for info in list_agents():
+        path = info["dir"]
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if not info["alive"] and age > STALE_MIN_AGE:
+            actions.append({"action": "remove-stale-dir", "dir": path, "name": info.get("name")})
+            if not dry_run and is_our_dir(path):
+                shutil.rmtree(path, ignore_errors=True)
+        elif info["alive"] and not info.get("attached") and info.get("detached_at") is not None:
+            overdue = now - float(info["detached_at"]) - float(info.get("grace", 300))
+            if overdue > 30:
+                actions.append({"action": "stop-orphan", "dir": path, "name": info.get("name"),
+                                "agent_pid": info.get("agent_pid"), "kernel_pid": info.get("kernel_pid")})
+                if not dry_run:
+                    os.kill(int(info["agent_pid"]), signal.SIGTERM)  # it stops its kernel and cleans up
+    return actions
 
 
 def _is_agent(pid: int) -> bool:
@@ -764,7 +805,11 @@ def main() -> int:
     if mode == "attach":
         return splice(str(config["dir"]), leftover)
     if mode == "list":
-        sys.stdout.write(json.dumps(list_agents()) + "\n")
+        sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents()}) + "\n")
+        return 0
+    if mode == "gc":
+        actions = collect_garbage(bool(config.get("dry_run")))
+        sys.stdout.write(json.dumps({"now": time.time(), "actions": actions}) + "\n")
         return 0
     sys.stderr.write("remote-kernel: unknown mode %r\n" % mode)
     return 2
