@@ -64,7 +64,7 @@ def setup_logging(verbosity: int, *, default_level: int | None = None) -> None:
     root.setLevel(level)
     # Third-party debug logs stay quiet below -vvv (paramiko's transport log is very chatty).
     third_party = logging.DEBUG if verbosity >= 3 else max(level, logging.WARNING)
-    for name in ("paramiko", "sshtunnel", "asyncio", "traitlets"):
+    for name in ("paramiko", "asyncio", "traitlets"):
         logging.getLogger(name).setLevel(third_party)
 
 

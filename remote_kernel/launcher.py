@@ -41,6 +41,7 @@ ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 STDERR_TAIL = 40
 AGENT_NOTE = "agent: "
+DEFAULT_PING = 15.0
 RELAYED_SIGNALS = {signal.SIGINT: "interrupt"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -103,7 +104,9 @@ class Launcher:
             self.created_connection_file = True
         self.connection_path = path
         self.info = info
-        ping = max(0.5, min(self.entry.host.keepalive, self.entry.reconnect_grace / 3))
+        # Our pings renew the remote lease, so they run even when SSH keepalives are off (0).
+        keepalive = self.entry.host.keepalive or DEFAULT_PING
+        ping = max(0.5, min(keepalive, self.entry.reconnect_grace / 3))
         self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
         log.info("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
 
