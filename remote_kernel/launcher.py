@@ -128,6 +128,7 @@ class Launcher:
         command = bootstrap.remote_command(self.entry, payload_size=len(payload), with_cwd=start)
         try:
             channel = conn.open_exec(command)
+            channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
         except BaseException:
             conn.close()
             raise
