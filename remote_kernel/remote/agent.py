@@ -134,6 +134,7 @@ class Agent:
         self.tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.partial: Dict[int, bytes] = {}
         self.terminate_requested = False
+        self.replaced = False  # a restart's new launcher took our place: nobody will reattach
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -241,7 +242,9 @@ class Agent:
         if self.state != "exited":
             return False
         delivered = self.sender.unacked_bytes == 0 and not len(self.outbox)
-        return delivered or self._lease_expired()
+        # A replaced kernel's launcher is gone for good (SIGKILLed by a restart), so the EXITED
+        # frame cannot be delivered: do not wait out the lease for it.
+        return delivered or self.replaced or self._lease_expired()
 
     def _lease_expired(self) -> bool:
         return time.monotonic() - self.last_rx > self.grace
@@ -627,6 +630,7 @@ class Agent:
             sock.close()
             return
         if fields.get("kill"):
+            self.replaced = True
             self._stop_kernel("stopped by a new launcher that took this kernel's place")
             sock.close()
             return
