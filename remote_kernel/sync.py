@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -109,6 +110,8 @@ def prefix_kernels_dir(prefix: str | os.PathLike[str]) -> Path:
 def kernels_dir_for(*, sys_prefix: bool = False, prefix: str | None = None) -> Path:
     """The target kernels dir for the --user (default) / --sys-prefix / --prefix DIR options."""
     if prefix is not None:
+        if not prefix.strip():
+            raise UsageError("--prefix needs a directory", hint="e.g. --prefix /usr/local")
         return prefix_kernels_dir(prefix)
     if sys_prefix:
         return sys_prefix_kernels_dir()
@@ -303,8 +306,12 @@ def apply_plan(plan: SyncPlan, *, logos: Mapping[str, Path]) -> SyncResult:
     result = SyncResult()
     if not plan.has_changes:
         return result
-    remove_leftovers(plan.kernels_dir)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=plan.kernels_dir))
+    try:
+        remove_leftovers(plan.kernels_dir)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=plan.kernels_dir))
+    except OSError as exc:
+        raise KernelspecError(f"cannot write in {plan.kernels_dir}: {exc.strerror or exc}",
+                              hint="fix its permissions, or choose --user/--prefix DIR") from exc
     try:
         _apply_writes(plan, staging, logos, result)
         _apply_prunes(plan, staging, result)
@@ -435,7 +442,10 @@ def _stage_create(stage: _Staged, staging: Path, logos: Mapping[str, Path]) -> N
     target = _spec_path(staging.parent, item.name)
     building = staging / item.name
     building.mkdir()
-    os.chmod(building, DIR_MODE)  # mkdir honours the umask; images need world-readable specs
+    # mkdir honours the umask; images need world-readable specs. (chmod only when needed: every
+    # metadata change waits on the filesystem journal, which is what a busy disk makes slow.)
+    if stat.S_IMODE(building.stat().st_mode) != DIR_MODE:
+        os.chmod(building, DIR_MODE)
     for name, source in logos.items():
         if not _link_logo(source, building / name):
             stage.written.append(_write_file(building / name, source.read_bytes()))
@@ -476,7 +486,8 @@ def _write_file(path: Path, data: bytes) -> Path:
     """Create path with data, mode 0644 (the caller fsyncs it before publishing)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     with os.fdopen(fd, "wb") as handle:
-        os.fchmod(fd, FILE_MODE)  # the umask must not make a spec unreadable in a shared image
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # the umask must not make a spec unreadable in an image
         handle.write(data)
     return path
 
@@ -488,7 +499,7 @@ def _link_logo(source: Path, target: Path) -> bool:
     try:
         if source.stat().st_mode & 0o777 != FILE_MODE:
             return False
-        os.link(source, target, follow_symlinks=False)
+        os.link(source, target)  # follows a symlinked source: never link a relative symlink
     except OSError:
         return False
     return True

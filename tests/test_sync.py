@@ -545,3 +545,17 @@ def test_list_shows_whether_each_entry_is_in_sync(
     assert {k["name"]: k["sync"] for k in json.loads(out)["kernels"]} == {
         "lab-py": "in sync", "gpu": "outdated"}
     assert code == 0
+
+
+def test_an_unusable_target_is_a_clear_error_not_a_traceback(
+        tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(capsys, "sync", "--prefix", str(blocker), "--config", str(config_file))
+    assert code == 1
+    assert "cannot create the kernels directory" in err
+    assert "Traceback" not in err
+    code, _, err = run_cli(capsys, "sync", "--launcher-python", "no-such-python-here",
+                           "--config", str(config_file))
+    assert code == 2
+    assert "--launcher-python" in err
