@@ -553,7 +553,7 @@ def test_an_unusable_target_is_a_clear_error_not_a_traceback(
     blocker.write_text("not a directory")
     code, _, err = run_cli(capsys, "sync", "--prefix", str(blocker), "--config", str(config_file))
     assert code == 1
-    assert "cannot create the kernels directory" in err
+    assert f"kernels directory {blocker}/share/jupyter/kernels" in err
     assert "Traceback" not in err
     code, _, err = run_cli(capsys, "sync", "--launcher-python", "no-such-python-here",
                            "--config", str(config_file))
