@@ -202,7 +202,7 @@ def desired_specs(
         )
         desired[entry.name] = DesiredSpec(
             name=entry.name, kernel_json=spec_json, display_name=entry.display_name,
-            host=entry.host.label, fingerprint=entry.fingerprint(),
+            host=entry.host.label, fingerprint=spec_json["metadata"][MARKER_KEY]["fingerprint"],
         )
     return desired
 

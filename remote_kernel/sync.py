@@ -393,8 +393,14 @@ def _fsync_all(paths: list[Path]) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(_fsync_path, paths))
+    workers = 16  # enough concurrent fsyncs for the filesystem to commit them together
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_fsync_paths, [paths[start::workers] for start in range(workers)]))
+
+
+def _fsync_paths(paths: list[Path]) -> None:
+    for path in paths:
+        _fsync_path(path)
 
 
 def _apply_prunes(plan: SyncPlan, staging: Path, result: SyncResult) -> None:
