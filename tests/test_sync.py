@@ -559,3 +559,14 @@ def test_an_unusable_target_is_a_clear_error_not_a_traceback(
                            "--config", str(config_file))
     assert code == 2
     assert "--launcher-python" in err
+
+
+def test_leftovers_of_a_killed_sync_are_invisible_to_jupyter_and_removed_next_time(
+        config_file: Path, kernels_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    half_built = kernels_dir / ".remote-kernel-tmp-dead" / "gpu"
+    half_built.mkdir(parents=True)
+    (half_built / "kernel.json").write_text('{"argv": ["x"], "display_name": "half"}')
+    assert not {"gpu", ".remote-kernel-tmp-dead"} & set(jupyter_kernelspecs())
+    assert run_cli(capsys, "sync", "--config", str(config_file))[0] == 0
+    assert not (kernels_dir / ".remote-kernel-tmp-dead").exists()
+    assert jupyter_kernelspecs()["gpu"]["spec"]["display_name"] == "GPU box"
