@@ -1,0 +1,880 @@
+"""SSH: resolve a host like ``ssh`` does, verify its key, authenticate once, run commands.
+
+The only module that imports paramiko, and it does so lazily (``import paramiko`` costs ~0.1 s;
+``remote-kernel --help`` must stay fast). Every paramiko/socket exception leaves this module as an
+SSHError or HostKeyError naming the host and saying what to do.
+
+Host keys are checked like OpenSSH checks them, never with paramiko's AutoAddPolicy: a known key
+must match; an unknown key is refused ("strict") or recorded ("accept-new"); a changed key is
+refused under every policy. We drive ``paramiko.Transport`` directly (not SSHClient) so each hop of
+a ProxyJump chain is verified by the same code before anything is sent to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import getpass
+import hashlib
+import hmac
+import importlib
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from remote_kernel.entry import DEFAULT_KEEPALIVE, HOST_KEY_POLICIES, HostEntry, parse_target
+from remote_kernel.errors import ConfigError, ConfigProblem, HostKeyError, SSHError
+
+if TYPE_CHECKING:
+    import paramiko
+else:
+
+    class _LazyParamiko:
+        """``import paramiko`` costs ~0.1 s: load it on first use, not when ssh.py is imported
+        (mypy sees the real module above)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(importlib.import_module("paramiko"), name)
+
+    paramiko = _LazyParamiko()
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+DEFAULT_PORT = 22
+DEFAULT_SSH_CONFIG = "~/.ssh/config"
+DEFAULT_KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+DEFAULT_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+# AES-GCM was the fastest paramiko cipher measured (ANCHORS.md); the rest keep paramiko's order.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+MAX_JUMPS = 16
+PASSPHRASE_ATTEMPTS = 3
+_CHUNK = 65536
+
+
+# -- resolution --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedHost:
+    """What we actually connect to, after ~/.ssh/config and defaults."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]
+    known_hosts: tuple[str, ...]  # files checked; the first one is where accept-new records
+    host_key_policy: str = "strict"
+    keepalive: float = DEFAULT_KEEPALIVE
+    jumps: tuple[ResolvedHost, ...] = ()
+    host_key_alias: str | None = None  # ssh_config HostKeyAlias: the known_hosts name to use
+    identities_only: bool = False  # ssh_config IdentitiesOnly: no other agent keys
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """``alice@lab.example.org:22``, plus ``(alias)`` when the alias differs."""
+        text = f"{self.user}@{self.address}"
+        return text if self.alias in (self.hostname, self.address) else f"{text} ({self.alias})"
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name the host's key is stored under, as OpenSSH writes it."""
+        if self.host_key_alias:
+            return self.host_key_alias
+        host = self.hostname.lower()
+        return host if self.port == DEFAULT_PORT else f"[{host}]:{self.port}"
+
+    def describe(self) -> str:
+        """``alice@lab.example.org:22 via bastion`` (for -v logs)."""
+        text = f"{self.user}@{self.address}"
+        via = [hop.alias for hop in hop_chain(self)[:-1]]
+        return f"{text} via {' -> '.join(via)}" if via else text
+
+
+def hop_chain(host: ResolvedHost) -> tuple[ResolvedHost, ...]:
+    """Every host to connect to, in order, ending with ``host``.
+
+    Like OpenSSH's ``ProxyJump a,b``: ``a`` is reached by its own jumps, ``b`` through ``a``
+    (its own ProxyJump is overridden by the explicit chain), then the target through ``b``.
+    """
+    if not host.jumps:
+        return (host,)
+    first, *rest = host.jumps
+    return (*hop_chain(first), *rest, host)
+
+
+class _SSHConfig:
+    """~/.ssh/config through paramiko.SSHConfig; problems become ConfigError naming the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._config = paramiko.SSHConfig()
+        if not path.is_file():
+            return
+        try:
+            self._config = paramiko.SSHConfig.from_path(str(path))
+        except (OSError, ValueError, paramiko.SSHException) as exc:
+            raise self.problem(f"cannot parse: {exc}") from exc
+
+    def lookup(self, name: str) -> dict[str, Any]:
+        try:
+            return dict(self._config.lookup(name))
+        except (ValueError, paramiko.SSHException, ImportError) as exc:
+            raise self.problem(f"looking up Host {name!r}: {exc}") from exc
+
+    def problem(self, message: str, key: str = "") -> ConfigError:
+        return ConfigError([ConfigProblem(path=str(self.path), key=key, message=message)])
+
+
+def resolve_host(host: HostEntry, *, ssh_config_path: Path | None = None) -> ResolvedHost:
+    """Explicit HostEntry fields win, then ~/.ssh/config, then ssh's defaults."""
+    config = _SSHConfig(ssh_config_path or Path(DEFAULT_SSH_CONFIG).expanduser())
+    return _resolve(host, config, ())
+
+
+def _resolve(host: HostEntry, config: _SSHConfig, seen: tuple[str, ...]) -> ResolvedHost:
+    lookup_name = host.hostname or host.name
+    # same name on another explicit port is another host (two sshds on one machine)
+    identity = f"{lookup_name}:{host.port}" if host.port else lookup_name
+    if identity in seen or len(seen) > MAX_JUMPS:
+        chain = " -> ".join([*seen, identity])
+        raise SSHError(
+            f"ProxyJump loop: {chain}",
+            host=host.label,
+            hint=f"give the jump host its own 'ProxyJump none' in {config.path}, or fix proxy_jump",
+        )
+    if host.host_key_policy not in HOST_KEY_POLICIES:
+        raise SSHError(
+            f"unknown host_key_policy {host.host_key_policy!r} for {host.label}",
+            host=host.label,
+            hint=f"use one of: {', '.join(HOST_KEY_POLICIES)}",
+        )
+    options = config.lookup(lookup_name)
+    if options.get("proxycommand", "none").lower() != "none":
+        log.warning("%s: ProxyCommand in %s is not supported (use ProxyJump)", lookup_name, config.path)
+    return ResolvedHost(
+        alias=host.name,
+        hostname=str(options.get("hostname") or lookup_name),
+        port=host.port or _config_port(options, config),
+        user=host.user or str(options.get("user") or getpass.getuser()),
+        identity_files=_identity_files(host, options),
+        known_hosts=_known_hosts_files(host, options),
+        host_key_policy=host.host_key_policy,
+        keepalive=host.keepalive,
+        jumps=_resolve_jumps(host, options, config, (*seen, identity)),
+        host_key_alias=options.get("hostkeyalias"),
+        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
+    )
+
+
+def _config_port(options: dict[str, Any], config: _SSHConfig) -> int:
+    text = str(options.get("port", DEFAULT_PORT))
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise config.problem(f"Port must be a number from 1 to 65535, found {text!r}", key="Port")
+    return int(text)
+
+
+def _expand(path: str) -> str:
+    return os.path.expanduser(path)
+
+
+def _identity_files(host: HostEntry, options: dict[str, Any]) -> tuple[str, ...]:
+    if host.identity_file:
+        return (_expand(host.identity_file),)
+    configured = [_expand(p) for p in options.get("identityfile", []) if p.lower() != "none"]
+    if configured:
+        return tuple(configured)
+    return tuple(p for p in map(_expand, DEFAULT_KEY_FILES) if Path(p).is_file())
+
+
+def _known_hosts_files(host: HostEntry, options: dict[str, Any]) -> tuple[str, ...]:
+    if host.known_hosts:
+        user_files = [host.known_hosts]
+    else:
+        user_files = str(options.get("userknownhostsfile", "")).split() or list(DEFAULT_USER_KNOWN_HOSTS)
+    global_files = str(options.get("globalknownhostsfile", "")).split() or DEFAULT_GLOBAL_KNOWN_HOSTS
+    files = [_expand(p) for p in user_files if p.lower() != "none"]
+    files += [p for p in map(_expand, global_files) if Path(p).is_file() and p not in files]
+    return tuple(files)
+
+
+def _resolve_jumps(
+    host: HostEntry, options: dict[str, Any], config: _SSHConfig, seen: tuple[str, ...]
+) -> tuple[ResolvedHost, ...]:
+    hops = host.proxy_jump or _config_jumps(host, options, config)
+    return tuple(_resolve(hop, config, seen) for hop in hops)
+
+
+def _config_jumps(host: HostEntry, options: dict[str, Any], config: _SSHConfig) -> tuple[HostEntry, ...]:
+    """``ProxyJump [user@]host[:port],ssh://...`` from ssh_config; hops inherit our policy."""
+    text = str(options.get("proxyjump", "none"))
+    if text.lower() == "none":
+        return ()
+    hops = []
+    for spec in text.split(","):
+        try:
+            target = parse_target(spec.strip().removeprefix("ssh://"))
+        except ValueError as exc:
+            raise config.problem(str(exc), key="ProxyJump") from exc
+        hops.append(
+            HostEntry(
+                name=target.host,
+                user=target.user,
+                port=target.port,
+                known_hosts=host.known_hosts,
+                host_key_policy=host.host_key_policy,
+                keepalive=host.keepalive,
+            )
+        )
+    return tuple(hops)
+
+
+# -- known_hosts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnownHostKey:
+    """One known_hosts line that matched a host name."""
+
+    path: str
+    line: int
+    key_type: str
+    key_blob: bytes
+    marker: str = ""  # "", "@revoked" or "@cert-authority"
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):
+        return _hashed_name_matches(pattern, name)
+    # OpenSSH patterns know only * and ?; "[host]:port" brackets are literal
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+    return re.fullmatch(regex, name.lower()) is not None
+
+
+def _hashed_name_matches(pattern: str, name: str) -> bool:
+    """``|1|salt|hash`` entries (HashKnownHosts yes): HMAC-SHA1 of the name keyed by the salt."""
+    try:
+        _, _, salt_b64, hash_b64 = pattern.split("|")
+        salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
+    except (ValueError, binascii.Error):
+        return False
+    digest = hmac.new(salt, name.lower().encode(), hashlib.sha1).digest()
+    return hmac.compare_digest(digest, expected)
+
+
+def host_matches(patterns: str, name: str) -> bool:
+    """OpenSSH's rule: any positive pattern matches and no negated (``!``) pattern does."""
+    matched = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        if _pattern_matches(pattern.removeprefix("!"), name):
+            if negated:
+                return False
+            matched = True
+    return matched
+
+
+def _parse_known_hosts_line(text: str) -> tuple[str, str, str, bytes] | None:
+    """``[@marker] patterns keytype base64 [comment]`` -> (marker, patterns, keytype, blob)."""
+    fields = text.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    marker = fields.pop(0) if fields[0].startswith("@") else ""
+    if len(fields) < 3:
+        return None
+    try:
+        blob = base64.b64decode(fields[2], validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return marker, fields[0], fields[1], blob
+
+
+def find_known_keys(files: Sequence[str], name: str) -> list[KnownHostKey]:
+    """Every known_hosts line in ``files`` whose host patterns match ``name``."""
+    found = []
+    for path in files:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for number, text in enumerate(lines, start=1):
+            parsed = _parse_known_hosts_line(text)
+            if parsed and host_matches(parsed[1], name):
+                marker, _, key_type, blob = parsed
+                found.append(KnownHostKey(path, number, key_type, blob, marker))
+    return found
+
+
+def record_host_key(path: Path, name: str, key_type: str, key_base64: str) -> None:
+    """Append ``name keytype key`` to a known_hosts file (created 0600 in a 0700 directory)."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    needs_newline = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as out:
+        out.write(("\n" if needs_newline else "") + f"{name} {key_type} {key_base64}\n")
+
+
+def _fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _verify_host_key(hop: ResolvedHost, server_key: paramiko.PKey, known: list[KnownHostKey], via: str) -> None:
+    blob, key_type = server_key.asbytes(), server_key.get_name()
+    revoked = [k for k in known if k.marker == "@revoked" and k.key_blob == blob]
+    if revoked:
+        raise HostKeyError(
+            f"the host key of {hop.label} ({key_type} {_fingerprint(blob)}) is marked @revoked"
+            f" in {revoked[0].where}; refusing to connect",
+            host=hop.label,
+            hint="ask the server's administrator for its current host key",
+        )
+    plain = [k for k in known if not k.marker]
+    if any(k.key_blob == blob for k in plain):
+        log.debug(
+            "host key of %s matches %s",
+            hop.label,
+            next(k.where for k in plain if k.key_blob == blob),
+        )
+        return
+    if plain:
+        raise _changed_key_error(hop, key_type, blob, plain)
+    if hop.host_key_policy == "accept-new":
+        _accept_new_key(hop, key_type, server_key.get_base64(), blob)
+        return
+    raise _unknown_key_error(hop, key_type, blob, via)
+
+
+def _changed_key_error(hop: ResolvedHost, key_type: str, blob: bytes, old: list[KnownHostKey]) -> HostKeyError:
+    first = old[0]
+    where = ", ".join(k.where for k in old)
+    removal = f"ssh-keygen -R {shlex.quote(hop.known_hosts_name)} -f {shlex.quote(first.path)}"
+    log.warning(
+        "HOST KEY CHANGED for %s: remove line %d of %s if the change is expected",
+        hop.label,
+        first.line,
+        first.path,
+    )
+    return HostKeyError(
+        f"HOST KEY CHANGED for {hop.label}: the server presents {key_type} {_fingerprint(blob)},"
+        f" but {where} holds a different key ({first.key_type} {_fingerprint(first.key_blob)})."
+        " Someone may be intercepting the connection, or the server was reinstalled; refusing"
+        " to connect under every host_key_policy",
+        host=hop.label,
+        hint=f"only after verifying the new key with the server's administrator, remove line"
+        f" {first.line} of {first.path} (or run: {removal}) and connect again",
+    )
+
+
+def _unknown_key_error(hop: ResolvedHost, key_type: str, blob: bytes, via: str) -> HostKeyError:
+    target = hop.known_hosts[0] if hop.known_hosts else DEFAULT_USER_KNOWN_HOSTS[0]
+    quoted = shlex.quote(target)
+    port = f"-p {hop.port} " if hop.port != DEFAULT_PORT else ""
+    commands = []
+    if not via and not hop.host_key_alias:  # ssh-keyscan can reach neither case
+        commands.append(f"ssh-keyscan {port}{hop.hostname} >> {quoted}")
+    options = f"-J {shlex.quote(via)} " if via else ""
+    if hop.host_key_alias:
+        options += f"-o HostKeyAlias={shlex.quote(hop.host_key_alias)} "
+    commands.append(f"ssh {options}-o UserKnownHostsFile={quoted} {port}{hop.user}@{hop.hostname}")
+    checked = ", ".join(hop.known_hosts) or "(none)"
+    return HostKeyError(
+        f"the host key of {hop.label} is unknown: {key_type} {_fingerprint(blob)} is not in"
+        f" {checked} under {hop.known_hosts_name!r};"
+        " refusing to connect (host_key_policy = strict)",
+        host=hop.label,
+        hint=f"verify the fingerprint with the server's administrator, then record it in {target}"
+        " with:\n      " + "\n   or ".join(commands) + '\n   or set host_key_policy = "accept-new" for this host',
+    )
+
+
+def _accept_new_key(hop: ResolvedHost, key_type: str, key_base64: str, blob: bytes) -> None:
+    if not hop.known_hosts:
+        raise HostKeyError(f"no known_hosts file to record the key of {hop.label} in", host=hop.label)
+    target = Path(hop.known_hosts[0])
+    try:
+        record_host_key(target, hop.known_hosts_name, key_type, key_base64)
+    except OSError as exc:
+        raise HostKeyError(
+            f"cannot record the host key of {hop.label} in {target}: {exc.strerror}",
+            host=hop.label,
+            hint="fix the file's permissions or set known_hosts to a writable file",
+        ) from exc
+    log.warning(
+        "Permanently added %s key %s for %s to %s (host_key_policy = accept-new)",
+        key_type,
+        _fingerprint(blob),
+        hop.known_hosts_name,
+        target,
+    )
+
+
+def _prefer_known_key_types(transport: paramiko.Transport, known: list[KnownHostKey]) -> None:
+    """Ask for a host key type we already know, as OpenSSH does, so a server with several host
+    keys is not mistaken for a changed one."""
+    options = transport.get_security_options()
+    wanted: list[str] = []
+    for key in known:
+        types = ("rsa-sha2-512", "rsa-sha2-256") if key.key_type == "ssh-rsa" else (key.key_type,)
+        wanted += [t for t in types if t in options.key_types and t not in wanted]
+    if wanted:
+        options.key_types = [*wanted, *(t for t in options.key_types if t not in wanted)]
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+@dataclass
+class _AuthReport:
+    """What was tried, for the error message: paths and fingerprints, never key material."""
+
+    tried: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    encrypted: list[str] = field(default_factory=list)
+
+
+def _agent_keys() -> list[paramiko.AgentKey]:
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    try:
+        return list(paramiko.Agent().get_keys())
+    except (paramiko.SSHException, OSError) as exc:
+        log.info("ssh-agent at $SSH_AUTH_SOCK is not usable: %s", exc)
+        return []
+
+
+def _public_blob(private_path: str) -> bytes | None:
+    """The key's public half from ``PATH.pub``, to find it in the agent without decrypting."""
+    try:
+        fields = Path(private_path + ".pub").read_text().split()
+        return base64.b64decode(fields[1]) if len(fields) >= 2 else None
+    except (OSError, ValueError, binascii.Error):
+        return None
+
+
+def _load_key_file(path: str, passphrase: str | None) -> paramiko.PKey:
+    """Any key type paramiko supports. Raises PasswordRequiredException for an encrypted key
+    without passphrase, SSHException when unreadable (or the passphrase is wrong)."""
+    if passphrase is None:
+        unreadable = (TypeError, ValueError, paramiko.pkey.UnknownKeyType, paramiko.SSHException)
+        with contextlib.suppress(*unreadable):
+            return paramiko.PKey.from_path(path)  # also loads PATH-cert.pub
+    # paramiko 5's from_path cannot decrypt (it hands cryptography a str): try each key class
+    for key_class in paramiko.key_classes:
+        try:
+            key = key_class.from_private_key_file(path, password=passphrase)
+        except paramiko.PasswordRequiredException:
+            raise
+        except (paramiko.SSHException, ValueError, TypeError, IndexError, UnicodeDecodeError):
+            continue
+        with contextlib.suppress(OSError, ValueError, paramiko.SSHException):
+            if Path(path + "-cert.pub").is_file():
+                key.load_certificate(path + "-cert.pub")
+        return key
+    wrong = "wrong passphrase" if passphrase is not None else "not a private key paramiko can read"
+    raise paramiko.SSHException(wrong)
+
+
+def _unlock_key(path: str, report: _AuthReport) -> paramiko.PKey | None:
+    """Ask for an encrypted key's passphrase, on a terminal only."""
+    if not _stdin_is_tty():
+        report.encrypted.append(path)
+        return None
+    for _ in range(PASSPHRASE_ATTEMPTS):
+        passphrase = getpass.getpass(f"Enter passphrase for key '{path}': ")
+        if not passphrase:
+            break
+        try:
+            return _load_key_file(path, passphrase)
+        except paramiko.SSHException:
+            log.warning("wrong passphrase for %s", path)
+    report.problems.append(f"{path}: not unlocked")
+    return None
+
+
+def _file_key(path: str, report: _AuthReport) -> paramiko.PKey | None:
+    if not Path(path).is_file():
+        report.problems.append(f"{path}: no such file")
+        return None
+    try:
+        return _load_key_file(path, None)
+    except paramiko.PasswordRequiredException:
+        return _unlock_key(path, report)
+    except (paramiko.SSHException, OSError) as exc:
+        report.problems.append(f"{path}: {exc}")
+        return None
+
+
+def _candidate_keys(hop: ResolvedHost, report: _AuthReport) -> Iterator[tuple[str, paramiko.PKey]]:
+    """Identity files first (through the agent when it holds them: no passphrase needed), then
+    the agent's other keys unless IdentitiesOnly. Files are loaded only when reached."""
+    agent = _agent_keys()
+    used: set[bytes] = set()
+    for path in hop.identity_files:
+        blob = _public_blob(path)
+        in_agent = next((k for k in agent if blob is not None and k.asbytes() == blob), None)
+        key = in_agent or _file_key(path, report)
+        if key is not None and key.asbytes() not in used:
+            used.add(key.asbytes())
+            yield (f"{path} (via ssh-agent)" if in_agent else path), key
+    if hop.identities_only and hop.identity_files:
+        return
+    for key in agent:
+        if key.asbytes() not in used:
+            yield f"ssh-agent key {key.get_name()} {_fingerprint(key.asbytes())}", key
+
+
+def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
+    report = _AuthReport()
+    allowed: list[str] = []
+    for label, key in _candidate_keys(hop, report):
+        try:
+            remaining = transport.auth_publickey(hop.user, key)
+        except paramiko.BadAuthenticationType as exc:
+            allowed = list(exc.allowed_types)
+            break
+        except paramiko.AuthenticationException:
+            report.tried.append(label)
+            continue
+        except paramiko.SSHException as exc:  # e.g. the agent refused to sign
+            if not transport.is_active():
+                raise
+            report.problems.append(f"{label}: {exc}")
+            continue
+        log.info("authenticated to %s as %s with public key %s", hop.address, hop.user, label)
+        if remaining and not _interactive_auth(transport, hop, remaining):
+            raise _auth_error(hop, report, remaining)
+        return
+    allowed = allowed or _allowed_methods(transport, hop.user)
+    if not _interactive_auth(transport, hop, allowed):
+        raise _auth_error(hop, report, allowed)
+
+
+def _authenticate_or_explain(transport: paramiko.Transport, hop: ResolvedHost) -> None:
+    try:
+        _authenticate(transport, hop)
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise SSHError(
+            f"the connection to {hop.address} broke during authentication: {exc or type(exc).__name__}",
+            host=hop.label,
+            hint="see the server's log (MaxAuthTries, LoginGraceTime, AllowUsers)",
+        ) from exc
+
+
+def _allowed_methods(transport: paramiko.Transport, user: str) -> list[str]:
+    try:
+        transport.auth_none(user)
+    except paramiko.BadAuthenticationType as exc:
+        return list(exc.allowed_types)
+    except paramiko.SSHException:
+        return []
+    return []
+
+
+def _interactive_auth(transport: paramiko.Transport, hop: ResolvedHost, allowed: list[str]) -> bool:
+    """keyboard-interactive (2FA codes, passwords) or password, only on a terminal."""
+    if not _stdin_is_tty():
+        return False
+
+    def answer(_title: str, _instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+        return [getpass.getpass(prompt or "Response: ") for prompt, _echo in prompts]
+
+    try:
+        if "keyboard-interactive" in allowed:
+            remaining = transport.auth_interactive(hop.user, answer)
+        elif "password" in allowed:
+            remaining = transport.auth_password(hop.user, getpass.getpass(f"{hop.user}@{hop.hostname}'s password: "))
+        else:
+            return False
+    except paramiko.AuthenticationException:
+        return False
+    log.info("authenticated to %s as %s interactively", hop.address, hop.user)
+    return not remaining or _interactive_auth(transport, hop, remaining)
+
+
+def _auth_error(hop: ResolvedHost, report: _AuthReport, allowed: list[str]) -> SSHError:
+    lines = [f"authentication to {hop.label} failed"]
+    if report.tried:
+        lines.append("  the server refused: " + ", ".join(report.tried))
+    lines += [f"  {path}: encrypted, and there is no terminal to ask for its passphrase" for path in report.encrypted]
+    lines += [f"  {problem}" for problem in report.problems]
+    if not (report.tried or report.encrypted or report.problems):
+        lines.append("  no key to try: no identity file exists and no ssh-agent has keys (SSH_AUTH_SOCK)")
+    if allowed:
+        lines.append(f"  the server accepts: {', '.join(allowed)}")
+    if report.encrypted:
+        hint = "add the key to ssh-agent (ssh-add " + " ".join(map(shlex.quote, report.encrypted)) + ") and retry"
+    else:
+        hint = (
+            f"put your public key in ~{hop.user}/.ssh/authorized_keys on {hop.hostname},"
+            " or set identity_file to a key the server accepts"
+        )
+    return SSHError("\n".join(lines), host=hop.label, hint=hint)
+
+
+# -- connecting --------------------------------------------------------------------------------
+
+
+def _connect_error(hop: ResolvedHost, exc: BaseException, timeout: float) -> SSHError:
+    if isinstance(exc, socket.gaierror):
+        return SSHError(
+            f"cannot resolve host name {hop.hostname!r} ({exc.strerror})",
+            host=hop.label,
+            hint="check hostname (or HostName in ~/.ssh/config) and your DNS / VPN",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return SSHError(
+            f"connection to {hop.address} refused",
+            host=hop.label,
+            hint=f"is sshd running on {hop.address}?",
+        )
+    if isinstance(exc, TimeoutError):
+        return SSHError(
+            f"timed out after {timeout:g} s connecting to {hop.address}",
+            host=hop.label,
+            hint="check the address and port, VPN and firewall; a ProxyJump may be needed",
+        )
+    return SSHError(
+        f"cannot connect to {hop.address}: {exc}",
+        host=hop.label,
+        hint="check the network route to it",
+    )
+
+
+def _open_socket(hop: ResolvedHost, via: tuple[ResolvedHost, paramiko.Transport] | None, timeout: float) -> Any:
+    if via is None:
+        try:
+            return socket.create_connection((hop.hostname, hop.port), timeout=timeout)
+        except OSError as exc:
+            raise _connect_error(hop, exc, timeout) from exc
+    jump, transport = via
+    try:
+        return transport.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=timeout)
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        reason = getattr(exc, "text", "") or str(exc) or type(exc).__name__
+        raise SSHError(
+            f"jump host {jump.label} could not open a connection to {hop.address}: {reason}",
+            host=hop.label,
+            hint=f"the jump host must allow TCP forwarding (AllowTcpForwarding) to {hop.address}",
+        ) from exc
+
+
+def _start_transport(hop: ResolvedHost, sock: Any, via: str, timeout: float) -> paramiko.Transport:
+    """Handshake, host key check, authentication; the transport is closed on any failure."""
+    started = time.monotonic()
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
+        known = find_known_keys(hop.known_hosts, hop.known_hosts_name)
+        options = transport.get_security_options()
+        fast = [c for c in PREFERRED_CIPHERS if c in options.ciphers]
+        options.ciphers = [*fast, *(c for c in options.ciphers if c not in fast)]
+        transport.use_compression(compress=False)  # compression made 50 MB of output slower
+        _prefer_known_key_types(transport, known)
+        server_key = _handshake(transport, hop, timeout)
+        _verify_host_key(hop, server_key, known, via)
+        handshake_done = time.monotonic()
+        _authenticate_or_explain(transport, hop)
+        if hop.keepalive > 0:
+            transport.set_keepalive(max(1, round(hop.keepalive)))
+        log.debug(
+            "%s: handshake %.0f ms (cipher %s), auth %.0f ms",
+            hop.address,
+            (handshake_done - started) * 1000,
+            transport.local_cipher,
+            (time.monotonic() - handshake_done) * 1000,
+        )
+    except BaseException:
+        transport.close()
+        raise
+    return transport
+
+
+def _handshake(transport: paramiko.Transport, hop: ResolvedHost, timeout: float) -> paramiko.PKey:
+    """Key exchange; returns the server's host key (not yet trusted)."""
+    try:
+        transport.start_client(timeout=timeout)
+        # start_client returns quietly when its timeout passes; this raises if kex is unfinished
+        return transport.get_remote_server_key()
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        reason = transport.get_exception() or exc
+        raise SSHError(
+            f"SSH handshake with {hop.address} failed within {timeout:g} s: {reason or type(reason).__name__}",
+            host=hop.label,
+            hint=f"is {hop.address} an SSH server? Check the port, and the server's log",
+        ) from exc
+
+
+def connect(host: HostEntry | ResolvedHost, *, timeout: float = 15.0) -> SSHConnection:
+    """Open one authenticated SSH connection (through every ProxyJump hop, each verified)."""
+    resolved = host if isinstance(host, ResolvedHost) else resolve_host(host)
+    hops = hop_chain(resolved)
+    log.info(
+        "%s resolved to %s (keys: %s; known_hosts: %s)",
+        resolved.alias,
+        resolved.describe(),
+        ", ".join(resolved.identity_files) or "agent/none",
+        ", ".join(resolved.known_hosts) or "none",
+    )
+    transports: list[paramiko.Transport] = []
+    try:
+        for index, hop in enumerate(hops):
+            via = (hops[index - 1], transports[-1]) if transports else None
+            started = time.monotonic()
+            sock = _open_socket(hop, via, timeout)
+            log.debug("%s: TCP/channel open in %.0f ms", hop.address, (time.monotonic() - started) * 1000)
+            jump_spec = ",".join(f"{h.user}@{h.address}" for h in hops[:index])
+            transports.append(_start_transport(hop, sock, jump_spec, timeout))
+    except BaseException:
+        for transport in reversed(transports):
+            transport.close()
+        raise
+    return SSHConnection(resolved, transports, timeout=timeout)
+
+
+class SSHConnection:
+    """One authenticated SSH transport to ``host`` (and the transports of its jump hosts)."""
+
+    def __init__(self, host: ResolvedHost, transports: list[paramiko.Transport], *, timeout: float = 15.0) -> None:
+        self.host = host
+        self._transports = transports
+        self._timeout = timeout
+
+    def open_exec(self, command: str) -> ExecChannel:
+        """A session channel running ``command`` (through the user's login shell, as ssh does)."""
+        transport = self._transports[-1]
+        started = time.monotonic()
+        try:
+            channel = transport.open_session(timeout=self._timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SSHError(
+                f"cannot run a command on {self.host.label}: {exc or type(exc).__name__}",
+                host=self.host.label,
+                hint="the connection may have dropped, or the server limits sessions (MaxSessions)",
+            ) from exc
+        log.debug(
+            "exec channel on %s open in %.0f ms",
+            self.host.address,
+            (time.monotonic() - started) * 1000,
+        )
+        return ExecChannel(channel, self.host.label)
+
+    def is_active(self) -> bool:
+        return all(transport.is_active() for transport in self._transports)
+
+    def close(self) -> None:
+        for transport in reversed(self._transports):
+            transport.close()
+
+    def __enter__(self) -> SSHConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ExecChannel:
+    """A running remote command: its stdin, stdout, stderr and exit status."""
+
+    def __init__(self, channel: paramiko.Channel, host_label: str) -> None:
+        self._channel = channel
+        self._host = host_label
+        self._blocking = True
+
+    def fileno(self) -> int:
+        """Readable when stdout data, stderr data or EOF arrives (for select/selectors)."""
+        return self._channel.fileno()
+
+    def _ready_or_eof(self, ready: bool) -> bool:
+        return ready or bool(self._channel.eof_received) or self._channel.closed
+
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes of stdout; ``b""`` at EOF. Non-blocking mode raises BlockingIOError
+        when nothing is buffered."""
+        if not self._blocking and not self._ready_or_eof(self._channel.recv_ready()):
+            raise BlockingIOError("no stdout data buffered")
+        return self._guard(lambda: self._channel.recv(n))
+
+    def recv_stderr(self, n: int) -> bytes:
+        if not self._blocking and not self._ready_or_eof(self._channel.recv_stderr_ready()):
+            raise BlockingIOError("no stderr data buffered")
+        return self._guard(lambda: self._channel.recv_stderr(n))
+
+    def recv_ready(self) -> bool:
+        return self._channel.recv_ready()
+
+    def recv_stderr_ready(self) -> bool:
+        return self._channel.recv_stderr_ready()
+
+    def sendall(self, data: bytes) -> None:
+        """Send everything, blocking while the remote window is full."""
+        # Not paramiko's sendall: it spins forever once the channel is closed (send returns 0).
+        for start in range(0, len(data), _CHUNK):
+            chunk = data[start : start + _CHUNK]
+            while chunk:
+                chunk = chunk[self._send_some(chunk) :]
+
+    def _send_some(self, chunk: bytes) -> int:
+        sent = self._guard(lambda: self._channel.send(chunk))
+        if sent == 0:
+            raise self._gone("the channel is closed")
+        return sent
+
+    def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            self._channel.shutdown_write()
+
+    def set_blocking(self, blocking: bool) -> None:
+        # The paramiko channel itself stays blocking, so sendall keeps blocking semantics.
+        self._blocking = blocking
+
+    def exit_status(self) -> int | None:
+        """The command's exit status, -1 if it died without one (signal); None while running."""
+        if not self._channel.exit_status_ready():
+            return None
+        return self._channel.recv_exit_status()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._channel.closed)
+
+    def _gone(self, reason: str) -> SSHError:
+        return SSHError(
+            f"lost the SSH channel to {self._host}: {reason}",
+            host=self._host,
+            hint="the connection dropped or the server ended the session",
+        )
+
+    def _guard(self, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise self._gone(str(exc) or type(exc).__name__) from exc
