@@ -156,7 +156,14 @@ class Launcher:
             "replace": self._previous_kernel(),
         }
         # The key and token travel on stdin, inside the encrypted session; never in argv.
-        channel.sendall(payload + P.hello(hello, 0))
+        try:
+            channel.sendall(payload + P.hello(hello, 0))
+        except RemoteKernelError:
+            # The remote command can end before reading its stdin (python not found: exit 127;
+            # a missing cwd): say why from its exit status and stderr, not "lost the channel".
+            self._take_stderr(channel)
+            self._raise_startup_failure(_exit_status(channel))
+            raise
         self._tunnel.attach(channel)
         self._tunnel.start()
 
@@ -269,6 +276,17 @@ class Launcher:
             self.state.next_attempt = now + _backoff(self.state.attempt)
         self.state.phase = "reconnecting"
         return None
+
+    def _take_stderr(self, channel: Any) -> None:
+        """Whatever the remote command wrote on stderr before its channel closed."""
+        data = b""
+        with contextlib.suppress(Exception):
+            while len(data) < 1 << 20 and channel.recv_stderr_ready():
+                data += channel.recv_stderr(65536)
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.state.stderr_tail.append(line)
+                remote_log.warning("remote: %s", line)
 
     def _raise_startup_failure(self, status: int | None) -> None:
         tail = "\n".join(self.state.stderr_tail)

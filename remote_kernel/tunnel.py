@@ -36,6 +36,7 @@ UPLINK_READ = 1024 * 1024
 BULK_LIMIT = 4 * 1024 * 1024  # stop reading clients while this much waits in the outbox
 WRITE_BATCH = 512 * 1024
 FLUSH_TIMEOUT = 2.0
+EXIT_STATUS_WAIT = 1.0  # seconds to wait for the exit-status that may follow EOF
 
 
 class Uplink(Protocol):
@@ -372,6 +373,9 @@ class Tunnel:
         except Exception:  # noqa: BLE001 - ssh.SSHError and friends: the link is gone
             data = b""
         if not data:
+            # sshd may send the command's exit-status just after EOF; closing the channel first
+            # loses it (paramiko then reports -1), and the launcher needs it to say what failed.
+            _await_exit_status(uplink, EXIT_STATUS_WAIT)
             self._lost(uplink, "the SSH channel closed")
             return
         self._last_rx = time.monotonic()
@@ -416,6 +420,16 @@ class Tunnel:
         if (stream := self._streams.get(sid)) is not None:
             stream.peer_paused = False
 
+
+
+def _await_exit_status(uplink: Uplink, timeout: float) -> None:
+    getter = getattr(uplink, "exit_status", None)
+    if getter is None:
+        return
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):
+        while getter() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _report(kind: str) -> Any:
