@@ -316,6 +316,9 @@ def apply_plan(plan: SyncPlan, *, logos: Mapping[str, Path]) -> SyncResult:
         _apply_writes(plan, staging, logos, result)
         _apply_prunes(plan, staging, result)
         _fsync_path(plan.kernels_dir)
+    except OSError as exc:  # an fsync failed: the disk, not one spec, is in trouble
+        raise KernelspecError(f"writing kernelspecs in {plan.kernels_dir} failed: {exc}",
+                              hint="check the disk, then run sync again") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
