@@ -12,7 +12,7 @@ from pathlib import Path
 import paramiko
 import pytest
 from conftest import IsolatedEnv, SSHDFactory
-from sshd import SSHServer, children_of
+from sshd import SSHServer, children_of, process_gone
 
 
 def _client_for(server: SSHServer, known_hosts: Path) -> paramiko.SSHClient:
@@ -61,9 +61,7 @@ def test_the_remote_login_gets_a_private_home_not_the_real_one(sshd: SSHServer) 
         client.close()
 
 
-def test_isolation_moves_home_ssh_and_jupyter_dirs_under_tmp_path(
-    isolated_env: IsolatedEnv, tmp_path: Path
-) -> None:
+def test_isolation_moves_home_ssh_and_jupyter_dirs_under_tmp_path(isolated_env: IsolatedEnv, tmp_path: Path) -> None:
     from jupyter_core import paths
 
     assert Path.home() == tmp_path / "home"
@@ -120,3 +118,26 @@ def test_killing_a_session_child_drops_the_connection(sshd_factory: SSHDFactory)
     finally:
         client.close()
     assert all(pid not in children_of(sshd.pid) for pid in sessions)
+
+
+def test_stop_ends_the_sessions_and_start_comes_back_on_the_same_port(
+    sshd_factory: SSHDFactory,
+) -> None:
+    server = sshd_factory()
+    port = server.port
+    client = _client_for(server, server.known_hosts)
+    try:
+        assert _run(client, "echo up") == "up"
+        sessions = server.session_pids()
+        assert sessions
+        server.stop()
+        assert all(process_gone(pid) for pid in sessions)
+    finally:
+        client.close()
+    server.start()
+    assert server.port == port
+    client = _client_for(server, server.known_hosts)
+    try:
+        assert _run(client, "echo back") == "back"
+    finally:
+        client.close()
