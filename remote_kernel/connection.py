@@ -59,8 +59,20 @@ def read_connection_file(path: Path) -> ConnectionInfo:
     ip = str(data.get("ip") or LOCALHOST)
     if ip not in (LOCALHOST, "localhost"):
         log.warning("connection file %s names ip %s; serving on %s only", path, ip, LOCALHOST)
+    _warn_if_shared(path)
     return ConnectionInfo(ports=ports, key=str(data.get("key", "")),
                           signature_scheme=str(data.get("signature_scheme") or "hmac-sha256"))
+
+
+def _warn_if_shared(path: Path) -> None:
+    """The client's file is the client's: we serve it as found (refusing would only break the
+    kernel, and the key may already have been read) but say that its key is exposed."""
+    with contextlib.suppress(OSError):
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning("connection file %s is open to other users (mode %03o): anyone who reads its key can "
+                        "run code in the kernel; Jupyter writes it 0600 unless JUPYTER_ALLOW_INSECURE_WRITES "
+                        "is set", path, mode)
 
 
 def bind_listeners(ports: dict[str, int] | None) -> dict[str, socket.socket]:
