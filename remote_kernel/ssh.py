@@ -222,7 +222,8 @@ def _resolve_jumps(
 
 
 def _config_jumps(host: HostEntry, options: dict[str, Any], config: _SSHConfig) -> tuple[HostEntry, ...]:
-    """``ProxyJump [user@]host[:port],ssh://...`` from ssh_config; hops inherit our policy."""
+    """``ProxyJump [user@]host[:port],ssh://...`` from ssh_config. Hops inherit the host-key
+    policy; their known_hosts come from their own Host block (like ``ssh bastion``)."""
     text = str(options.get("proxyjump", "none"))
     if text.lower() == "none":
         return ()
@@ -237,7 +238,6 @@ def _config_jumps(host: HostEntry, options: dict[str, Any], config: _SSHConfig) 
                 name=target.host,
                 user=target.user,
                 port=target.port,
-                known_hosts=host.known_hosts,
                 host_key_policy=host.host_key_policy,
                 keepalive=host.keepalive,
             )

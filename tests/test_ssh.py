@@ -406,6 +406,25 @@ def test_proxy_jump_from_ssh_config_verifies_every_hop_with_its_own_known_hosts(
         assert _run(connection, "echo two-hops")[0] == b"two-hops\n"
 
 
+def test_a_proxy_jump_target_string_uses_the_default_known_hosts_and_keys(
+    jump_and_target: tuple[SSHServer, SSHServer], isolated_env: IsolatedEnv
+) -> None:
+    jump, target = jump_and_target
+    (isolated_env.ssh_dir / "known_hosts").write_text(jump.known_hosts_line())
+    shutil.copy(jump.client_key, isolated_env.ssh_dir / "id_ed25519")
+    _write_ssh_config(
+        isolated_env,
+        target.ssh_config_block("target") + f"    ProxyJump ssh://{jump.user}@127.0.0.1:{jump.port}\n",
+    )
+    resolved = ssh.resolve_host(HostEntry(name="target"))
+    (hop,) = resolved.jumps
+    assert (hop.hostname, hop.port, hop.user) == ("127.0.0.1", jump.port, jump.user)
+    assert hop.known_hosts[0] == str(isolated_env.ssh_dir / "known_hosts")
+    assert hop.identity_files == (str(isolated_env.ssh_dir / "id_ed25519"),)
+    with ssh.connect(resolved) as connection:
+        assert _run(connection, "echo string-jump")[0] == b"string-jump\n"
+
+
 def test_an_unknown_key_behind_a_jump_is_refused_for_that_hop(
     jump_and_target: tuple[SSHServer, SSHServer], tmp_path: Path
 ) -> None:
