@@ -140,7 +140,7 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         return _command_module(module_name).run(args)
     except RemoteKernelError as exc:
-        log.debug("%s failed", args.command, exc_info=True)
+        log.debug("%s failed: %s", args.command, type(exc).__name__)
         if getattr(args, "json", False):
             console.emit_json(args.command, {"ok": False, "error": _error_document(exc)})
         console.emit_error(str(exc))

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from remote_kernel.errors import UsageError
 
 ENTRY_SCHEMA = 1
 
@@ -179,12 +182,22 @@ class KernelEntry:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def command_from_text(text: str) -> tuple[str, ...]:
-    """v1.1's ``-c "python -m spyder_kernels.console"`` as a kernel command: a leading python
-    token becomes ``{python}`` (the entry's interpreter, after its setup lines)."""
-    import shlex
+# v1.1's -c: a leading bare python becomes {python}, the entry's interpreter after its setup lines.
+_BARE_PYTHON = re.compile(r"python[0-9.]*")
 
-    words = shlex.split(text)
-    if words and re.fullmatch(r"(.*/)?python[0-9.]*", words[0]):
+
+def kernel_command(text: str) -> list[str]:
+    """``python -m spyder_kernels.console`` -> ``["{python}", "-m", "spyder_kernels.console"]``.
+
+    A leading bare python (python, python3, python3.11) becomes ``{python}`` so the entry's
+    ``python`` setting applies; an explicit path is kept as written.
+    """
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"-c {text!r}: {exc}") from exc
+    if not words:
+        raise UsageError("-c: the kernel command is empty")
+    if _BARE_PYTHON.fullmatch(words[0]):
         words[0] = "{python}"
-    return tuple(words)
+    return words

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_kernel import config
-from remote_kernel.entry import KERNEL_NAME_RULE, is_valid_kernel_name, parse_target
+from remote_kernel.entry import KERNEL_NAME_RULE, is_valid_kernel_name, kernel_command, parse_target
 from remote_kernel.errors import ConfigError, ConfigProblem, UsageError
 from remote_kernel.tomlappend import TableNotFoundError, joined, remove_table, render_tables
 
@@ -30,7 +29,6 @@ NEW_FILE_HEADER = (
     "# a Jupyter kernelspec; see the README's config reference.\n"
     "# Created by `remote-kernel install`.\n"
 )
-_BARE_PYTHON = re.compile(r"python[0-9.]*")
 
 HostTables = dict[str, dict[str, Any]]
 
@@ -214,23 +212,6 @@ def derive_name(target: str) -> str:
     parts = [parsed.user, parsed.host, str(parsed.port) if parsed.port else None]
     text = "-".join(part for part in parts if part).lower()
     return re.sub(r"[^a-z0-9._]+", "-", text).strip("-.") or "remote"
-
-
-def kernel_command(text: str) -> list[str]:
-    """``python -m spyder_kernels.console`` -> ``["{python}", "-m", "spyder_kernels.console"]``.
-
-    A leading bare python (python, python3, python3.11) becomes ``{python}`` so the entry's
-    ``python`` setting applies; an explicit path is kept as written.
-    """
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise UsageError(f"-c {text!r}: {exc}") from exc
-    if not words:
-        raise UsageError("-c: the kernel command is empty")
-    if _BARE_PYTHON.fullmatch(words[0]):
-        words[0] = "{python}"
-    return words
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
 def entry_from_target_args(args: argparse.Namespace) -> Any:
     """A KernelEntry from v1.1 options (-t, -J, -i, -c, --python)."""
-    from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry, command_from_text
+    from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry, kernel_command
     from remote_kernel.errors import UsageError
 
     try:
@@ -35,6 +35,6 @@ def entry_from_target_args(args: argparse.Namespace) -> Any:
         host = HostEntry.from_target(args.target, identity_file=args.identity, proxy_jump=jumps)
     except ValueError as exc:
         raise UsageError(f"-t/-J: {exc}") from exc
-    command = command_from_text(args.kernel_command) if args.kernel_command else None
+    command = tuple(kernel_command(args.kernel_command)) if args.kernel_command else None
     return KernelEntry(name=f"adhoc-{host.hostname}", host=host, display_name=args.target,
                        python=args.python or DEFAULT_PYTHON, command=command)

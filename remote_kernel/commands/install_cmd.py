@@ -44,10 +44,10 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Lazy: keeps --help fast (pydantic, jupyter_core).
-    from remote_kernel import install  # noqa: PLC0415
-    from remote_kernel.commands import sync_cmd  # noqa: PLC0415
-    from remote_kernel.kernelspec import desired_specs  # noqa: PLC0415
-    from remote_kernel.sync import launcher_python, sync_kernelspecs  # noqa: PLC0415
+    from remote_kernel import install
+    from remote_kernel.commands import sync_cmd
+    from remote_kernel.kernelspec import desired_specs
+    from remote_kernel.sync import launcher_python, sync_kernelspecs
 
     options = install.InstallOptions(
         target=args.target, jumps=tuple(args.jump), identity=args.identity,

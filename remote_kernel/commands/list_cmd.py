@@ -17,7 +17,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remote_kernel import config, console  # noqa: PLC0415 - lazy: keeps --help fast
+    from remote_kernel import config, console
 
     loaded = config.load_config(config.discover_config_path(args.config))
     kernels = _kernel_rows(loaded)
@@ -48,6 +48,6 @@ def _sync_states(loaded: LoadedConfig) -> dict[str, str] | None:
 
     Judged on the kernelspec Jupyter would pick for each name (remote_kernel.sync.sync_states).
     """
-    from remote_kernel.sync import sync_states  # noqa: PLC0415 - lazy: keeps --help fast
+    from remote_kernel.sync import sync_states
 
     return sync_states(loaded.entries().values(), config_path=loaded.path)

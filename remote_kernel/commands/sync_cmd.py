@@ -46,9 +46,9 @@ def add_kernelspec_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Lazy: keeps --help fast (pydantic, jupyter_core).
-    from remote_kernel import config  # noqa: PLC0415
-    from remote_kernel.kernelspec import desired_specs  # noqa: PLC0415
-    from remote_kernel.sync import launcher_python, sync_kernelspecs  # noqa: PLC0415
+    from remote_kernel import config
+    from remote_kernel.kernelspec import desired_specs
+    from remote_kernel.sync import launcher_python, sync_kernelspecs
 
     loaded = config.load_config(config.discover_config_path(args.config))
     kernels_dir = target_kernels_dir(args)
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
 def target_kernels_dir(args: argparse.Namespace) -> Path:
     """The dir chosen by --user/--sys-prefix/--prefix; warns when Jupyter will not look there."""
-    import logging  # noqa: PLC0415
+    import logging
 
-    from remote_kernel.sync import is_on_jupyter_path, kernels_dir_for  # noqa: PLC0415
+    from remote_kernel.sync import is_on_jupyter_path, kernels_dir_for
 
     kernels_dir = kernels_dir_for(sys_prefix=args.sys_prefix, prefix=args.prefix)
     if not is_on_jupyter_path(kernels_dir):
@@ -92,7 +92,7 @@ def report(
     command: str = "sync", extra: dict[str, Any] | None = None,
 ) -> int:
     """Print the plan and result (a table, or one JSON document); return the exit code."""
-    from remote_kernel import console  # noqa: PLC0415
+    from remote_kernel import console
 
     problem = _problem(plan, result)
     in_sync = not plan.has_changes and not plan.conflicts
@@ -143,7 +143,7 @@ def _summary(plan: SyncPlan, result: SyncResult | None, mode: str) -> str:
 
 def _problem(plan: SyncPlan, result: SyncResult | None) -> RemoteKernelError | None:
     """The error to report, or None: conflicts first (they need the user), then failed writes."""
-    from remote_kernel.errors import KernelspecError, SyncConflict  # noqa: PLC0415
+    from remote_kernel.errors import KernelspecError, SyncConflict
 
     if plan.conflicts:
         lines = "\n".join(f"  {item.name}: {item.reason}" for item in plan.conflicts)

@@ -15,7 +15,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Problems propagate as ConfigError: cli.py prints them (or the --json error document), exit 2.
-    from remote_kernel import config, console  # noqa: PLC0415 - lazy: keeps --help fast
+    from remote_kernel import config, console
 
     loaded = config.load_config(config.discover_config_path(args.config))
     kernels = list(loaded.entries())
