@@ -145,3 +145,24 @@ def is_live(path: Path) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.5)
         return probe.connect_ex((LOCALHOST, port)) == 0
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid owning the other end of a loopback TCP connection, or None if unknown.
+
+    On a shared machine (JupyterLab on a login node) any user can connect to 127.0.0.1; the HMAC
+    key stops them sending, but not reading iopub. Linux lists every TCP socket with its owner in
+    /proc/net/tcp: the client's socket is the row whose local address is our peer address.
+    """
+    try:
+        peer_host, peer_port = sock.getpeername()[:2]
+        local_port = sock.getsockname()[1]
+        table = Path("/proc/net/tcp6" if ":" in peer_host else "/proc/net/tcp").read_text()
+    except OSError:
+        return None
+    wanted = (f":{peer_port:04X}", f":{local_port:04X}")
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and fields[1].endswith(wanted[0]) and fields[2].endswith(wanted[1]):
+            return int(fields[7])
+    return None

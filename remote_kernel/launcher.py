@@ -36,6 +36,7 @@ from remote_kernel.tunnel import Event, Tunnel
 log = logging.getLogger(__name__)
 remote_log = logging.getLogger("remote_kernel.remote")
 
+AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the agent to end
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
 ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
@@ -219,7 +220,8 @@ class Launcher:
             self.announce(self.connection_path, self.entry)
 
     def _on_log(self, event: Event) -> None:
-        text = str(event.data)
+        # The kernel's own stdout/stderr is relayed as is; never let its key reach our log.
+        text = str(event.data).replace(self.info.key, "<key>") if self.info.key else str(event.data)
         self.state.stderr_tail.append(text)
         if text.startswith(AGENT_NOTE):  # the agent's own narration: -v
             remote_log.info("remote %s", text)
@@ -244,6 +246,7 @@ class Launcher:
     def _on_exited(self, event: Event) -> int:
         self._tunnel.acknowledge_now()
         self._tunnel.flush()
+        self._await_agent_exit(AGENT_EXIT_WAIT)
         data = event.data
         if self.state.phase == "stopping" or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
@@ -253,6 +256,21 @@ class Launcher:
         tail = data.get("stderr_tail") or "\n".join(self.state.stderr_tail)
         raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
                           stderr_tail=tail, hint=_hint_for(tail))
+
+    def _await_agent_exit(self, timeout: float) -> None:
+        """The agent exits once it has our ACK of its EXITED. Closing the connection before that
+        can lose the ACK (sshd drops what it has not yet written to the agent's stdin), and the
+        agent would then keep its directory for the whole lease: wait for its channel to end."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self.events.get(timeout=left)
+            except queue.Empty:
+                return
+            if event.kind == "link_lost":
+                return
+            if event.kind in ("log", "stderr"):
+                self._handle(event)
 
     def _on_link_lost(self, event: Event) -> int | None:
         status = _exit_status(event.uplink)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from remote_kernel import protocol as P
+from remote_kernel.connection import peer_uid
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,9 @@ class Tunnel:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        if not self._is_same_user(sock):
+            sock.close()
+            return
         # Without TCP_NODELAY, Nagle + delayed ACK add ~40 ms to 1-2% of requests (ANCHORS.md).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
@@ -322,6 +326,15 @@ class Tunnel:
         self._streams[stream.sid] = stream
         self._by_sock[sock] = stream
         self._put(P.OPEN, stream.sid, stream.channel.encode())
+
+    def _is_same_user(self, sock: socket.socket) -> bool:
+        """Only our own user (or root) may use the kernel: another user on this machine could
+        otherwise subscribe to iopub and read every output without knowing the key."""
+        uid = peer_uid(sock)
+        if uid is None or uid in (os.getuid(), 0):
+            return True
+        log.warning("refused a connection to the kernel from uid %d (only uid %d may connect)", uid, os.getuid())
+        return False
 
     def _read_client(self, stream: ClientStream) -> None:
         try:
@@ -437,7 +450,7 @@ def _report(kind: str) -> Any:
 
     def handler(tunnel: Tunnel, sid: int, payload: bytes) -> None:
         data: Any = payload.decode("utf-8", "replace") if kind == "log" else P.decode_json(payload)
-        tunnel._events.put(Event(kind, data))  # noqa: SLF001 - module-private helper of Tunnel
+        tunnel._events.put(Event(kind, data))
 
     return handler
 

@@ -267,8 +267,6 @@ def test_a_killed_remote_kernel_is_reported_with_its_signal(
 
 
 def test_twenty_start_stop_cycles_leave_nothing_behind(sshd: SSHServer, remote_python: str) -> None:
-    base = Path(f"/tmp/remote-kernel-{os.getuid()}")
-    before = set(os.listdir(base)) if base.exists() else set()
     runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
     entry = make_entry(sshd.host_entry(), remote_python, name="cycles", reconnect_grace=2.0)
     seen: list[dict[str, Any]] = []
@@ -285,12 +283,11 @@ def test_twenty_start_stop_cycles_leave_nothing_behind(sshd: SSHServer, remote_p
         else:
             km.shutdown_kernel()
 
-    def nothing_left() -> bool:
-        alive = [pid for facts in seen for pid in (facts["kernel"], facts["agent"]) if pid_alive(pid)]
-        dirs = (set(os.listdir(base)) if base.exists() else set()) - before
-        return not alive and not dirs
+    def leftovers() -> list[str]:
+        alive = [f"pid {pid}" for facts in seen for pid in (facts["kernel"], facts["agent"]) if pid_alive(pid)]
+        return alive + [facts["dir"] for facts in seen if os.path.exists(facts["dir"])]
 
-    wait_until(nothing_left, timeout=30)
+    wait_until(lambda: not leftovers(), timeout=30)
     assert not list(runtime.glob("kernel-*.json"))
     listening = _listening_ports()
     assert not [port for port in ports if port in listening]
@@ -311,9 +308,22 @@ def _listening_ports() -> set[int]:
 
 
 def test_ps_shows_attached_and_orphaned_kernels_and_gc_removes_stale_dirs(
-    manager: Any, tmp_path: Path, remote_python: str
+    private_sshd: SSHServer, tmp_path: Path, remote_python: str
 ) -> None:
-    km, kc, server = manager
+    server = private_sshd
+    # A lease long enough to outlive the checks below: an orphan inside its lease is left alone.
+    km, kc = start_manager(make_entry(server.host_entry(), remote_python, reconnect_grace=120.0))
+    try:
+        _ps_and_gc(km, kc, server, tmp_path, remote_python)
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)
+        else:
+            km.cleanup_resources()
+
+
+def _ps_and_gc(km: Any, kc: Any, server: SSHServer, tmp_path: Path, remote_python: str) -> None:
     facts = kernel_facts(kc)
     config = tmp_path / "remote-kernels.toml"
     config.write_text(
@@ -345,3 +355,5 @@ def test_ps_shows_attached_and_orphaned_kernels_and_gc_removes_stale_dirs(
                    capture_output=True, text=True, timeout=60, check=True)
     assert not stale.exists()
     assert pid_alive(facts["kernel"])  # an orphan inside its lease is left alone
+    os.kill(facts["agent"], signal.SIGTERM)  # the agent stops its kernel and cleans up
+    wait_until(lambda: not pid_alive(facts["kernel"]) and not os.path.exists(facts["dir"]), timeout=15)

@@ -664,10 +664,6 @@ def test_another_user_on_the_host_cannot_reach_or_read_the_kernel(
     assert not HEX64.search(other["kernel cmdline"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap, not issue 7's remote host: the launcher serves the client's connection file on "
-    "127.0.0.1 TCP, reachable by every local user, exactly like a local Jupyter kernel's ports; "
-    "closing it needs a peer-uid check on accept (Linux: the uid column of /proc/net/tcp)"))
 def test_another_local_user_cannot_subscribe_through_the_launchers_local_ports(
     tmp_path: Path, sshd: SSHServer, remote_python: Path, intruder: OtherUser
 ) -> None:

@@ -244,7 +244,8 @@ class Agent:
         delivered = self.sender.unacked_bytes == 0 and not len(self.outbox)
         # A replaced kernel's launcher is gone for good (SIGKILLed by a restart), so the EXITED
         # frame cannot be delivered: do not wait out the lease for it.
-        return delivered or self.replaced or self._lease_expired()
+        # Nor when we were told to stop (SIGTERM from `gc` or the system): nobody waits for it.
+        return delivered or self.replaced or self.terminate_requested or self._lease_expired()
 
     def _lease_expired(self) -> bool:
         return time.monotonic() - self.last_rx > self.grace
@@ -422,13 +423,19 @@ class Agent:
 
     def _log(self, message: str) -> None:
         self.tail.append("remote-kernel agent: " + message)
-        self.outbox.put(P.LOG, 0, ("agent: " + message).encode())
+        if self.state != "exited":  # nothing may follow EXITED (see _open_stream)
+            self.outbox.put(P.LOG, 0, ("agent: " + message).encode())
 
     # ----------------------------------------------------------------------------- streams
 
     def _open_stream(self, sid: int, channel: str) -> None:
         """Mirror a client connection; until the kernel's sockets exist the stream only buffers
         (closing early connections would make ZMQ lose the client's first request)."""
+        if self.state == "exited":
+            # Nothing may follow EXITED: the launcher acknowledges it and leaves, so a CLOSE sent
+            # now (for a client that reconnected meanwhile) would never be acknowledged and we
+            # would wait out the whole lease. The launcher drops its client sockets as it exits.
+            return
         if channel not in P.IPC_PORTS or self.state not in ("starting", "ready"):
             self.outbox.put(P.CLOSE, sid)
             return
