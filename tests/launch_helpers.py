@@ -194,17 +194,34 @@ def stop_kernel_manager(km: KernelManager) -> None:
             km.shutdown_kernel(now=False)
 
 
-def connect_client(connection_file: Path, *, ready_timeout: float = READY_TIMEOUT) -> BlockingKernelClient:
-    """A BlockingKernelClient on a connection file, ready (kernel_info answered)."""
-    kc = BlockingKernelClient(connection_file=str(connection_file))
-    kc.load_connection_file()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=ready_timeout)
-    except BaseException:
-        kc.stop_channels()
-        raise
-    return kc
+def connect_client(connection_file: Path, *, ready_timeout: float = READY_TIMEOUT,
+                   launcher: LauncherProcess | None = None) -> BlockingKernelClient:
+    """A BlockingKernelClient on a connection file, ready (kernel_info answered).
+
+    A client without a KernelManager decides "the kernel died" when the first heartbeat is not
+    answered within 1 s of connecting (jupyter_client), so a kernel that is still starting (two
+    SSH hops, a loaded machine) is retried until ``ready_timeout``; if ``launcher`` exits
+    meanwhile, that is the error, with its stderr.
+    """
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        kc = BlockingKernelClient(connection_file=str(connection_file))
+        kc.load_connection_file()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=max(1.0, deadline - time.monotonic()))
+        except RuntimeError:
+            kc.stop_channels()
+            if launcher is not None and launcher.proc.poll() is not None:
+                raise AssertionError(f"the launcher exited ({launcher.proc.returncode}):\n{launcher.stderr}") from None
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        except BaseException:
+            kc.stop_channels()
+            raise
+        return kc
 
 
 def jupyter_connection_file(path: Path) -> Path:
