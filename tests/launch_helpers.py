@@ -259,7 +259,7 @@ def collect(kc: BlockingKernelClient, msg_id: str, *, timeout: float = EXEC_TIME
     err: list[str] = []
     idle = False
     while not idle:
-        msg = kc.get_iopub_msg(timeout=_left(deadline, f"iopub of {msg_id}"))
+        msg = _next(kc.get_iopub_msg, deadline, f"iopub of {msg_id}", execution)
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         execution.messages.append(msg)
@@ -273,12 +273,23 @@ def collect(kc: BlockingKernelClient, msg_id: str, *, timeout: float = EXEC_TIME
         elif kind == "status" and content["execution_state"] == "idle":
             idle = True
     while True:
-        reply = kc.get_shell_msg(timeout=_left(deadline, f"execute_reply of {msg_id}"))
+        reply = _next(kc.get_shell_msg, deadline, f"execute_reply of {msg_id}", execution)
         if reply["parent_header"].get("msg_id") == msg_id:
             break
     execution.status = reply["content"]["status"]
     execution.stdout, execution.stderr = "".join(out), "".join(err)
     return execution
+
+
+def _next(get: Any, deadline: float, what: str, so_far: Execution) -> dict[str, Any]:
+    """One message from ``get`` before ``deadline``; a timeout says what had arrived."""
+    try:
+        msg: dict[str, Any] = get(timeout=_left(deadline, what))
+    except queue.Empty:
+        seen = [(m["msg_type"], m["content"].get("execution_state") or m["content"].get("name"))
+                for m in so_far.messages]
+        raise TimeoutError(f"timed out waiting for {what}; seen so far: {seen}") from None
+    return msg
 
 
 def _left(deadline: float, what: str) -> float:
