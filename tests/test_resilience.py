@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,10 +66,12 @@ def drop_network(server: SSHServer) -> None:
 
 
 def take_sshd_down(server: SSHServer) -> None:
-    """The whole server goes away (listener and sessions) without touching our agent."""
-    for pid in server.session_pids():
-        os.kill(pid, signal.SIGKILL)
+    """The whole server goes away (listener and sessions) without touching our agent. The
+    listener dies first: killed second, it could accept the launcher's reconnect in between."""
+    sessions = server.session_pids()
     os.kill(server.pid, signal.SIGKILL)
+    for pid in sessions:
+        os.kill(pid, signal.SIGKILL)
 
 
 def launcher_pid(km: KernelManager) -> int:
@@ -144,7 +147,11 @@ def test_an_outage_longer_than_the_grace_reaps_the_kernel_and_the_launcher_says_
         facts = kernel_facts(kc)
         kc.stop_channels()
         take_sshd_down(private_sshd)
-        assert launcher.wait(timeout=GRACE + 60) == 1
+        try:
+            code = launcher.wait(timeout=GRACE + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher did not give up after the grace:\n{launcher.stderr}")
+        assert code == 1
         assert "could not reconnect" in launcher.stderr
         assert "reconnect_grace" in launcher.stderr
         seconds_until(lambda: gone(facts), timeout=GRACE + 10)
