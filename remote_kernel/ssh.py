@@ -831,6 +831,10 @@ class ExecChannel:
     def recv_stderr_ready(self) -> bool:
         return self._channel.recv_stderr_ready()
 
+    def can_send_now(self, size: int) -> bool:
+        """True when ``size`` bytes fit in the peer's window: sendall will not wait for it."""
+        return not self._channel.closed and self._channel.out_window_size >= size
+
     def sendall(self, data: bytes) -> None:
         """Send everything, blocking while the remote window is full."""
         # Not paramiko's sendall: it spins forever once the channel is closed (send returns 0).
