@@ -33,7 +33,9 @@ from remote_kernel.connection import peer_uid
 log = logging.getLogger(__name__)
 
 READ_CHUNK = P.MAX_PAYLOAD
-UPLINK_READ = 1024 * 1024
+# Take everything paramiko has buffered (up to the channel window, ssh.CHANNEL_WINDOW) in one
+# read: a partial read copies the rest of its buffer down (50 MB of output: 0.44 -> 0.41 s).
+UPLINK_READ = 16 * 1024 * 1024
 BULK_LIMIT = 4 * 1024 * 1024  # stop reading clients while this much waits in the outbox
 WRITE_BATCH = 512 * 1024
 DIRECT_LIMIT = 64 * 1024  # a client's frame this small is written by the pump itself when it can
