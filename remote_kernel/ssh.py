@@ -43,9 +43,38 @@ else:
         (mypy sees the real module above)."""
 
         def __getattr__(self, name: str) -> Any:
-            return getattr(importlib.import_module("paramiko"), name)
+            return getattr(_load_paramiko(), name)
 
     paramiko = _LazyParamiko()
+
+
+def _load_paramiko() -> Any:
+    """paramiko, imported without invoke: paramiko.config imports it (about a third of
+    ``import paramiko``, ~30 ms of every kernel start) only to run ``Match exec`` lines of an
+    ssh_config, and _SSHConfig hands it over when a config has one (_enable_match_exec)."""
+    module = sys.modules.get("paramiko")
+    if module is not None:
+        return module
+    if "invoke" in sys.modules:
+        return importlib.import_module("paramiko")
+    sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` fails at once
+    try:
+        return importlib.import_module("paramiko")
+    finally:
+        if "invoke" in sys.modules and sys.modules["invoke"] is None:
+            del sys.modules["invoke"]
+
+
+def _enable_match_exec() -> None:
+    """Give paramiko.config the invoke that _load_paramiko kept from it (or, when invoke is not
+    installed, the ImportError paramiko would have stored and raises for ``Match exec``)."""
+    config_module = importlib.import_module("paramiko.config")
+    if config_module.invoke is not None:
+        return
+    try:
+        setattr(config_module, "invoke", importlib.import_module("invoke"))  # noqa: B010 - untyped global
+    except ImportError as exc:
+        setattr(config_module, "invoke_import_error", exc)  # noqa: B010 - untyped global
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -131,6 +160,8 @@ class _SSHConfig:
         if not path.is_file():
             return
         try:
+            if "exec" in path.read_text(errors="replace").lower():
+                _enable_match_exec()
             self._config = paramiko.SSHConfig.from_path(str(path))
         except (OSError, ValueError, paramiko.SSHException) as exc:
             raise self.problem(f"cannot parse: {exc}") from exc
