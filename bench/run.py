@@ -51,7 +51,7 @@ CLI = VENV_BIN / "remote-kernel"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 VARIANTS = ("local", "openssh", "ours")
 KERNELS = {"local": "python3", "openssh": "bench-openssh", "ours": "bench-ours"}
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 30.0
 CELL_TIMEOUT = 120.0
 RESEND = 1.0  # re-send kernel_info like jupyter_client's wait_for_ready (a lost request costs 1 s)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -213,7 +213,29 @@ def interrupt_latency(km: Any, kc: Any, mode: str) -> float:
 
 @contextlib.contextmanager
 def kernel(variant: str, log: Any, samples: Samples) -> Iterator[tuple[Any, Any]]:
-    """Start ``variant``'s kernel as Jupyter does, record its startup, shut it down at the end."""
+    """Start ``variant``'s kernel as Jupyter does, record its startup, shut it down at the end.
+    A start that never answers is counted (``failed_starts``), logged and tried once more."""
+    for attempt in (1, 2):
+        km, kc = start_kernel(variant, log, samples)
+        if kc is not None:
+            break
+        samples.add("failed_starts", 1.0)
+        log.write(f"\n===== {variant}: no kernel_info_reply (attempt {attempt})\n".encode())
+        log.flush()
+        km.shutdown_kernel(now=True)
+        if attempt == 2:
+            raise RuntimeError(f"{variant}: the kernel never answered kernel_info (see {log.name})")
+    try:
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        began = time.perf_counter()
+        km.shutdown_kernel(now=False)
+        samples.add("shutdown", time.perf_counter() - began)
+
+
+def start_kernel(variant: str, log: Any, samples: Samples) -> tuple[Any, Any]:
+    """(manager, ready client), or (manager, None) when the kernel did not answer."""
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name=KERNELS[variant])
@@ -225,12 +247,10 @@ def kernel(variant: str, log: Any, samples: Samples) -> Iterator[tuple[Any, Any]
         samples.add("startup", wait_kernel_info(km, kc, RESEND, started))
         drain_shell(kc)
         settle(kc)
-        yield km, kc
-    finally:
+    except RuntimeError:
         kc.stop_channels()
-        began = time.perf_counter()
-        km.shutdown_kernel(now=False)
-        samples.add("shutdown", time.perf_counter() - began)
+        return km, None
+    return km, kc
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -367,6 +387,7 @@ ROWS: tuple[tuple[str, str, str, float], ...] = (
     ("interrupt, signal mode, ms", "int_signal", "median", 1000.0),
     ("interrupt, message mode, ms", "int_message", "median", 1000.0),
     ("shutdown, s", "shutdown", "median", 1.0),
+    ("starts that never answered (retried)", "failed_starts", "count", 1.0),
 )
 
 
@@ -374,6 +395,8 @@ def statistic(samples: Samples, metric: str, kind: str) -> float | None:
     values = samples.values.get(metric)
     if not values:
         return None
+    if kind == "count":
+        return float(len(values))
     return p99(values) if kind == "p99" else statistics.median(values)
 
 
@@ -392,6 +415,9 @@ def kernel_table(results: dict[str, Samples]) -> list[list[str]]:
     rows = [["measure", "local", "OpenSSH -L", "remote-kernel", "ours/local", "OpenSSH/local", "ours/OpenSSH"]]
     for label, metric, kind, scale in ROWS:
         local, openssh, ours = (statistic(results[v], metric, kind) for v in VARIANTS)
+        if kind == "count":
+            rows.append([label, *(str(int(value or 0)) for value in (local, openssh, ours)), "", "", ""])
+            continue
         rows.append([label, cell(local, scale), cell(openssh, scale), cell(ours, scale),
                      ratio(ours, local), ratio(openssh, local), ratio(ours, openssh)])
     return rows
@@ -503,7 +529,7 @@ class Report:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 100 `1+1` samples: under a minute")
-    parser.add_argument("--rounds", type=int, help="rounds of every variant (default 5; 2 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds of every variant (default 10; 2 with --quick)")
     parser.add_argument("--execs", type=int, help="`1+1` samples per variant in all (default 500; 100 with --quick)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (for profiling)")
     parser.add_argument("--no-sync", action="store_true", help="skip the sync rows")
@@ -512,7 +538,7 @@ def parse_args() -> argparse.Namespace:
                         help="add this to the niceness of the bench and everything it starts (negative needs root): "
                              "on a shared machine, -10 keeps other work from dominating the variance")
     args = parser.parse_args()
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else 10)
     args.execs = args.execs or (100 if args.quick else 500)
     args.cli_repeat = 5 if args.quick else 10
     return args
