@@ -61,6 +61,7 @@ IMAGE_SETUP = ("import base64 as _b, os as _o\nfrom IPython.display import displ
 IMAGE_20MB = "_display({'image/png': _rk_png}, raw=True)"
 SLEEP_CELL = "import time; time.sleep(60)"
 EXEC_BLOCK = 25  # `1+1` cells per variant in a row before the next variant's turn
+BULK_REPEAT = 2  # 50 MB prints and 20 MB displays per variant per round
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -263,16 +264,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def relay_pids(km: Any, kc: Any, sshd_pid: int) -> list[int]:
-    """The processes between client and kernel: ssh or our launcher, sshd's session processes and
-    our agent on the "remote" (this machine), not the kernel itself."""
-    from sshd import descendants_of
-
+def relay_pids(km: Any, kc: Any, remote: set[int]) -> list[int]:
+    """The processes between client and kernel: ssh or our launcher, and of ``remote`` (what this
+    kernel's login added under sshd: its session processes, our agent) all but the kernel."""
     msg_id = kc.execute("import os as _os; print(_os.getpid())")
     kernel_pid = int(wait_idle(kc, msg_id, until="stream")["content"]["text"])
     wait_idle(kc, msg_id)
     drain_shell(kc)
-    return [km.provisioner.process.pid, *(pid for pid in descendants_of(sshd_pid) if pid != kernel_pid)]
+    return [km.provisioner.process.pid, *(pid for pid in remote if pid != kernel_pid)]
 
 
 def timed_with_cpu(kc: Any, code: str, cells: int, *, samples: Samples, metric: str, pids: list[int]) -> None:
@@ -281,7 +280,8 @@ def timed_with_cpu(kc: Any, code: str, cells: int, *, samples: Samples, metric: 
     for _ in range(cells):
         samples.add(metric, run_cell(kc, code))
     if pids:
-        samples.add(f"{metric}_cpu", (cpu_seconds(pids) - before) / cells)
+        samples.add(f"{metric}_cpu", cpu_seconds(pids) - before)
+        samples.add(f"{metric}_cpu_cells", float(cells))
 
 
 @dataclass
@@ -310,10 +310,14 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
     """Every variant's kernel alive at once; the same work interleaved in blocks, so that a busy
     moment of the machine falls on all of them alike."""
     with contextlib.ExitStack() as stack:
+        from sshd import descendants_of
+
         live = []
         for variant in order:
+            before = set(descendants_of(sshd_pid))
             km, kc = stack.enter_context(kernel(variant, log, results[variant]))
-            relay = relay_pids(km, kc, sshd_pid) if variant != "local" else []
+            remote = set(descendants_of(sshd_pid)) - before
+            relay = relay_pids(km, kc, remote) if variant != "local" else []
             live.append(Live(variant, km, kc, results[variant], relay))
         for item in live:
             for _ in range(10):  # warm the path (first-call imports in the kernel and the client)
@@ -323,10 +327,11 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
         for block in range(blocks):
             for item in rotated(live, block):
                 timed_with_cpu(item.kc, "1+1", EXEC_BLOCK, samples=item.samples, metric="exec", pids=item.relay)
-        for item in live:
-            timed_with_cpu(item.kc, PRINT_50MB, 1, samples=item.samples, metric="print50", pids=item.relay)
-        for item in reversed(live):
-            item.samples.add("image20", run_cell(item.kc, IMAGE_20MB))
+        for repeat in range(BULK_REPEAT):
+            for item in rotated(live, repeat):
+                timed_with_cpu(item.kc, PRINT_50MB, 1, samples=item.samples, metric="print50", pids=item.relay)
+            for item in rotated(live, repeat + 1):
+                item.samples.add("image20", run_cell(item.kc, IMAGE_20MB))
         for item in live:
             if item.variant != "openssh":  # a signal to the ssh process would end the connection
                 item.samples.add("int_signal", interrupt_latency(item.km, item.kc, "signal"))
@@ -380,9 +385,9 @@ ROWS: tuple[tuple[str, str, str, float], ...] = (
     ("startup to kernel_info_reply, s", "startup", "median", 1.0),
     ("`1+1` round trip, ms, median", "exec", "median", 1000.0),
     ("`1+1` round trip, ms, p99", "exec", "p99", 1000.0),
-    ("relay CPU per `1+1`, ms", "exec_cpu", "median", 1000.0),
+    ("relay CPU per `1+1`, ms", "exec_cpu", "per_cell", 1000.0),
     ("print 50 MB, s", "print50", "median", 1.0),
-    ("relay CPU per 50 MB print, s", "print50_cpu", "median", 1.0),
+    ("relay CPU per 50 MB print, s", "print50_cpu", "per_cell", 1.0),
     ("display_data 20 MB, s", "image20", "median", 1.0),
     ("interrupt, signal mode, ms", "int_signal", "median", 1000.0),
     ("interrupt, message mode, ms", "int_message", "median", 1000.0),
@@ -397,6 +402,8 @@ def statistic(samples: Samples, metric: str, kind: str) -> float | None:
         return None
     if kind == "count":
         return float(len(values))
+    if kind == "per_cell":  # CPU is counted in clock ticks (10 ms): total over total, not a median
+        return sum(values) / sum(samples.values[f"{metric}_cells"])
     return p99(values) if kind == "p99" else statistics.median(values)
 
 
@@ -495,8 +502,8 @@ class Report:
 
     def counts(self) -> str:
         ours = self.results["ours"].values
-        return (f"{len(ours.get('startup', []))} rounds; {len(ours.get('exec', []))} `1+1` samples per variant; "
-                f"order rotated per round")
+        return (f"{self.args.rounds} rounds, order rotated per round; {len(ours.get('startup', []))} starts and "
+                f"{len(ours.get('exec', []))} `1+1` per variant; niceness {os.nice(0)}")
 
     def text(self) -> str:
         return "\n\n".join(plain(table) for table in self.tables() if len(table[0]) > 1)
