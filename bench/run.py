@@ -31,6 +31,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -533,6 +534,19 @@ class Report:
 # ------------------------------------------------------------------------------------ main
 
 
+def reap_leftovers(root: Path) -> None:
+    """Kill what this run started and left behind (a kernel whose ssh was killed after a start that
+    never answered is re-parented to init, out of sshd's tree): processes naming our temp dir."""
+    marker = str(root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+                print(f"  killed leftover process {entry.name}", file=sys.stderr)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 100 `1+1` samples: under a minute")
@@ -597,6 +611,7 @@ def main() -> int:
         raise
     finally:
         server.stop()
+        reap_leftovers(root)
     report = Report(args, results, commands, sync, time.perf_counter() - started, load)
     print()
     print(report.text())
