@@ -5,6 +5,7 @@ The "remote" host is this machine, so remote processes and files are checked dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,18 @@ def launched_from_spec(spec_dir: Path, tmp_path: Path) -> tuple[Any, Path]:
     return launched_cli(args, stderr_path=tmp_path / f"{spec_dir.name}.stderr"), connection_file
 
 
+@contextlib.contextmanager
+def served_kernel(server: SSHServer, python: Path, name: str, tmp_path: Path) -> Iterator[tuple[Any, KernelFacts]]:
+    """A launcher subprocess serving a new kernel, and where that kernel lives (no client left)."""
+    launched, connection_file = launched_from_spec(write_spec(resilient_entry(server, python, name)), tmp_path)
+    with launched as launcher:
+        assert wait_until(connection_file.exists, timeout=30), launcher.stderr
+        kc = connect_client(connection_file, launcher=launcher)
+        facts = kernel_facts(kc)
+        kc.stop_channels()
+        yield launcher, facts
+
+
 # ----------------------------------------------------------------------------------- tests
 
 
@@ -139,13 +152,7 @@ def test_a_sigkilled_launcher_leaves_no_kernel_after_the_grace(manager: Any) -> 
 def test_an_outage_longer_than_the_grace_reaps_the_kernel_and_the_launcher_says_why(
     private_sshd: SSHServer, remote_python: Path, tmp_path: Path
 ) -> None:
-    launched, connection_file = launched_from_spec(write_spec(resilient_entry(private_sshd, remote_python, "outage")),
-                                                   tmp_path)
-    with launched as launcher:
-        assert wait_until(connection_file.exists, timeout=30), launcher.stderr
-        kc = connect_client(connection_file, launcher=launcher)
-        facts = kernel_facts(kc)
-        kc.stop_channels()
+    with served_kernel(private_sshd, remote_python, "outage", tmp_path) as (launcher, facts):
         take_sshd_down(private_sshd)
         try:
             code = launcher.wait(timeout=GRACE + 60)
@@ -160,13 +167,7 @@ def test_an_outage_longer_than_the_grace_reaps_the_kernel_and_the_launcher_says_
 def test_a_killed_remote_kernel_ends_the_launcher_with_the_reason(
     private_sshd: SSHServer, remote_python: Path, tmp_path: Path
 ) -> None:
-    launched, connection_file = launched_from_spec(write_spec(resilient_entry(private_sshd, remote_python, "victim")),
-                                                   tmp_path)
-    with launched as launcher:
-        assert wait_until(connection_file.exists, timeout=30), launcher.stderr
-        kc = connect_client(connection_file, launcher=launcher)
-        facts = kernel_facts(kc)
-        kc.stop_channels()
+    with served_kernel(private_sshd, remote_python, "victim", tmp_path) as (launcher, facts):
         os.kill(facts.pid, signal.SIGKILL)
         assert launcher.wait(timeout=30) == 1
         assert "killed by SIGKILL" in launcher.stderr
