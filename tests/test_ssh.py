@@ -92,7 +92,17 @@ def test_exec_channel_non_blocking_recv_raises_blocking_io_error_until_data_arri
         channel.sendall(b"hello\n")
         readable, _, _ = select.select([channel], [], [], 10)
         assert readable == [channel]
-        assert channel.recv(100) == b"got hello\n"
+        # paramiko signals the channel's pipe a moment before the bytes land in its buffer
+        # (BufferedPipe.feed sets the event first), so "readable" may still mean "not yet".
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                data = channel.recv(100)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        assert data == b"got hello\n"
         deadline = time.monotonic() + 10
         while channel.exit_status() is None and time.monotonic() < deadline:
             time.sleep(0.01)
