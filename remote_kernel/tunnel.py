@@ -210,15 +210,10 @@ class Tunnel:
                 self._lock.notify_all()
                 return
         wire, uplink = claimed
-        try:
-            uplink.sendall(wire)
-        except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
-            self._lost(uplink, f"writing to the SSH channel failed: {exc}")
-        finally:
-            with self._lock:
-                self._sending = False
-                if self._raw or len(self._outbox) or not self._running:
-                    self._lock.notify_all()
+        self._send(uplink, wire)
+        with self._lock:
+            if self._raw or len(self._outbox) or not self._running:
+                self._lock.notify_all()
 
     def _claim_uplink(self, size: int) -> tuple[bytes, Uplink] | None:
         """(Holding the lock) the frame just queued, sequenced, if the pump may send it now: the
@@ -248,13 +243,17 @@ class Tunnel:
                 batch, uplink = self._next_batch()
                 if batch is None:
                     return
-            try:
-                uplink.sendall(batch)
-            except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
-                self._lost(uplink, f"writing to the SSH channel failed: {exc}")
-            finally:
-                with self._lock:
-                    self._sending = False
+            self._send(uplink, batch)
+
+    def _send(self, uplink: Uplink, data: bytes) -> None:
+        """Write to the uplink (the caller holds the ``_sending`` claim, released here)."""
+        try:
+            uplink.sendall(data)
+        except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
+            self._lost(uplink, f"writing to the SSH channel failed: {exc}")
+        finally:
+            with self._lock:
+                self._sending = False
 
     def _next_batch(self) -> tuple[Any, Any]:
         """Wait (holding the lock) for something to send; None when the tunnel closes.
