@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +130,10 @@ def local_garbage(runtime_dir: Path, dry_run: bool) -> list[dict[str, str]]:
 
 
 def _record_is_live(path: Path) -> bool:
+    """A restart record (launcher.py) whose launcher still runs."""
+    from remote_kernel.launcher import pid_alive
+
     try:
-        pid = int(json.loads(path.read_text(encoding="utf-8"))["pid"])
-        os.kill(pid, 0)
+        return pid_alive(int(json.loads(path.read_text(encoding="utf-8"))["pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return True

@@ -391,7 +391,7 @@ class Launcher:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if data.get("host") != self.entry.host.label or _pid_alive(int(data.get("pid", 0))):
+        if data.get("host") != self.entry.host.label or pid_alive(int(data.get("pid", 0))):
             return None
         return {"dir": str(data["dir"]), "token": str(data["token"])}
 
@@ -449,7 +449,8 @@ def _exit_status(uplink: Any) -> int | None:
     return status
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is ``pid`` a process (of ours or not) that still exists?"""
     if pid <= 0:
         return False
     try:

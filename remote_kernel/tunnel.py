@@ -129,15 +129,6 @@ class Tunnel:
             self._lock.notify_all()
         self._wake()
 
-    def detach(self) -> None:
-        with self._lock:
-            uplink, self._uplink = self._uplink, None
-            self._raw = []
-        if uplink is not None:
-            with contextlib.suppress(Exception):
-                uplink.close()
-        self._wake()
-
     def acknowledge_now(self) -> None:
         """Confirm everything received (the agent waits for its EXITED to be confirmed)."""
         with self._lock:
@@ -149,10 +140,6 @@ class Tunnel:
 
     def request_shutdown(self) -> None:
         self._put(P.SHUTDOWN, 0)
-
-    @property
-    def attached(self) -> bool:
-        return self._uplink is not None
 
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Give clients their pending bytes (e.g. the shutdown_reply) before we exit."""
