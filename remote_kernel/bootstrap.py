@@ -1,20 +1,29 @@
 """What the launcher asks the remote sshd to run, and the code it sends on stdin.
 
 The exec command is a few shell lines: ``cd`` to the entry's cwd, the entry's ``setup`` lines
-(shell by design: ``module load``, ``source venv/bin/activate``), then ``exec PYTHON -c BOOTSTRAP N``.
-The bootstrap reads exactly N bytes from stdin — protocol.py and remote/agent.py, compressed — and
-runs them; the first frame after that (a HELLO) carries the key, the token and the kernel command.
+(shell by design: ``module load``, ``source venv/bin/activate``), then ``exec PYTHON -S -c BOOTSTRAP N``.
+The bootstrap reads exactly N bytes from stdin — remote/spawn.py, protocol.py and remote/agent.py,
+compressed — and runs them; the first frame after that (a HELLO) carries the key, the token and the
+kernel command.
 Nothing secret is ever on a command line, and nothing is installed on the remote host.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import marshal
 import shlex
+import threading
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
+from remote_kernel import protocol as P
 from remote_kernel.entry import KernelEntry
+
+log = logging.getLogger(__name__)
 
 AGENT_MARKER = "remote-kernel-agent"
 CWD_FAILED_EXIT = 97
@@ -32,29 +41,42 @@ BOOTSTRAP = (
     "exec(zlib.decompress(b))\n"
 )
 
+# Stage one (remote/spawn.py) is compiled and run first: it starts the kernel, whose ~150 ms of
+# imports then overlap compiling and importing the rest of the agent.
 _LOADER = """
-import sys, types
-def _rk_module(name, source):
-    module = types.ModuleType(name)
+import sys
+def _rk_module(name, source, package=False):
+    module = type(sys)(name)  # types.ModuleType
     module.__file__ = "<remote-kernel:%s>" % name
+    if package:
+        module.__path__ = []
     sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
-_rk_package = _rk_module("remote_kernel", "")
-_rk_package.__path__ = []
-_rk_package.protocol = _rk_module("remote_kernel.protocol", PROTOCOL_SOURCE)
-sys.exit(_rk_module("remote_kernel_agent", AGENT_SOURCE).main())
+_rk_module("remote_kernel", "", package=True)
+_rk_module("remote_kernel.remote", "", package=True)
+_rk_started = _rk_module("remote_kernel.remote.spawn", SPAWN_SOURCE).begin()
+_rk_module("remote_kernel.protocol", PROTOCOL_SOURCE)
+sys.exit(_rk_module("remote_kernel.remote.agent", AGENT_SOURCE).main(_rk_started))
 """
 
 
 @functools.cache
 def agent_payload() -> bytes:
-    """protocol.py + remote/agent.py as one compressed program (built once per process)."""
+    """remote/spawn.py + protocol.py + remote/agent.py as one compressed program (built once)."""
     package = Path(__file__).parent
-    protocol_source = (package / "protocol.py").read_text(encoding="utf-8")
-    agent_source = (package / "remote" / "agent.py").read_text(encoding="utf-8")
-    program = f"PROTOCOL_SOURCE = {protocol_source!r}\nAGENT_SOURCE = {agent_source!r}\n{_LOADER}"
+    sources = {name: (package / path).read_text(encoding="utf-8") for name, path in (
+        ("SPAWN_SOURCE", "remote/spawn.py"), ("PROTOCOL_SOURCE", "protocol.py"), ("AGENT_SOURCE", "remote/agent.py"))}
+    program = "".join(f"{name} = {source!r}\n" for name, source in sources.items()) + _LOADER
     return zlib.compress(program.encode("utf-8"), 6)
+
+
+def agent_input(request: dict[str, Any]) -> bytes:
+    """What a session's stdin starts with: the agent program, then the BOOT frame with ``request``."""
+    return agent_payload() + P.encode(P.BOOT, 0, 0, marshal.dumps(request, P.BOOT_MARSHAL_VERSION))
 
 
 def shell_word(value: str) -> str:
@@ -74,7 +96,9 @@ def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = Tr
         message = shlex.quote(f"remote-kernel: cannot change to the working directory {entry.cwd!r} (cwd)")
         lines.append(f"cd -- {target} || {{ echo {message} >&2; exit {CWD_FAILED_EXIT}; }}")
     lines.extend(entry.setup)
-    lines.append(f"exec {shell_word(entry.python)} -c {shlex.quote(BOOTSTRAP)} {payload_size}")
+    # -S: the agent needs only the standard library, and a site-packages with many .pth files
+    # (conda) can take longer than the agent itself (the kernel is started without -S).
+    lines.append(f"exec {shell_word(entry.python)} -S -c {shlex.quote(BOOTSTRAP)} {payload_size}")
     return "\n".join(lines)
 
 
@@ -87,3 +111,72 @@ def kernel_argv(entry: KernelEntry) -> list[str]:
     else:
         argv = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     return argv + list(entry.kernel_args)
+
+
+def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
+    """Connect to the entry's host and run the bootstrap there: (ssh.SSHConnection, ssh.ExecChannel).
+    The caller sends ``agent_input(request)`` on the channel. ``start=False`` (a reattach)
+    leaves out the ``cd``: the agent it talks to already runs in the kernel's directory."""
+    from remote_kernel import ssh  # paramiko is imported only when we really connect
+
+    began = time.monotonic()
+    conn = ssh.connect(entry.host)
+    connected = time.monotonic()
+    command = remote_command(entry, payload_size=len(agent_payload()), with_cwd=start)
+    try:
+        channel = conn.open_exec(command)
+        channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
+    except BaseException:
+        conn.close()
+        raise
+    log.info("connected to %s in %.3f s; remote command started in %.3f s",
+             entry.host.label, connected - began, time.monotonic() - connected)
+    return conn, channel
+
+
+class EarlySession:
+    """``open_session(entry, start=True)`` on a thread, begun before the launcher imports its own
+    modules and binds its ports, so that this work overlaps the SSH handshake, which is mostly
+    waiting for sshd (bench/README.md: startup). ``result()`` hands over the session or raises
+    what connecting raised; ``abandon()`` closes it when the launcher fails first."""
+
+    def __init__(self, entry: KernelEntry) -> None:
+        from remote_kernel import ssh
+
+        # paramiko is loaded here, before the thread starts: imported beside the launcher's own
+        # imports, the two would only take turns.
+        ssh.load_paramiko()
+        self._entry = entry
+        self._lock = threading.Lock()
+        self._session: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._connect, name="rk-connect", daemon=True)
+        self._thread.start()
+        agent_payload()  # built while the handshake runs
+
+    def _connect(self) -> None:
+        try:
+            session = open_session(self._entry, start=True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread by result()
+            self._error = exc
+            return
+        with self._lock:
+            self._session = session
+            if self._abandoned:
+                session[0].close()
+
+    def result(self) -> tuple[Any, Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._session is None:
+            raise RuntimeError("the connecting thread ended without a session")  # a bug, not a user error
+        return self._session
+
+    def abandon(self) -> None:
+        """Close the session now, or as soon as the thread has it (no waiting on a slow host)."""
+        with self._lock:
+            self._abandoned = True
+            if self._session is not None:
+                self._session[0].close()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from remote_kernel import bootstrap
-from remote_kernel import protocol as P
 from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry
 from remote_kernel.errors import RemoteKernelError
 
@@ -51,10 +50,10 @@ def ask_host(target: HostTarget, request: dict[str, Any]) -> dict[str, Any]:
     from remote_kernel import ssh
 
     entry = KernelEntry(name="inventory", host=target.host, display_name="", python=target.python)
-    payload = bootstrap.agent_payload()
     with ssh.connect(target.host) as conn:
-        channel = conn.open_exec(bootstrap.remote_command(entry, payload_size=len(payload), with_cwd=False))
-        channel.sendall(payload + P.hello(request, 0))
+        command = bootstrap.remote_command(entry, payload_size=len(bootstrap.agent_payload()), with_cwd=False)
+        channel = conn.open_exec(command)
+        channel.sendall(bootstrap.agent_input(request))
         stdout, stderr = _read_all(channel)
     try:
         answer: dict[str, Any] = json.loads(stdout.decode())

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from remote_kernel import bootstrap, connection
-from remote_kernel import protocol as P
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, LaunchError, RemoteKernelError
 from remote_kernel.tunnel import Event, Tunnel
@@ -65,8 +64,9 @@ class Launcher:
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
                  announce: Callable[[Path, KernelEntry], None] | None = None,
-                 runtime_dir: Path | None = None) -> None:
+                 runtime_dir: Path | None = None, early_session: bootstrap.EarlySession | None = None) -> None:
         self.entry = entry
+        self.early_session = early_session  # connecting since before this module was imported
         self.requested_file = connection_file
         self.announce = announce
         self.runtime_dir = runtime_dir
@@ -120,26 +120,13 @@ class Launcher:
     # ------------------------------------------------------------------------------ remote side
 
     def _open_session(self, *, start: bool) -> Any:
-        from remote_kernel import ssh  # paramiko is imported only when we really connect
-
-        began = time.monotonic()
-        conn = ssh.connect(self.entry.host)
-        connected = time.monotonic()
-        payload = bootstrap.agent_payload()
-        command = bootstrap.remote_command(self.entry, payload_size=len(payload), with_cwd=start)
-        try:
-            channel = conn.open_exec(command)
-            channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
-        except BaseException:
-            conn.close()
-            raise
-        log.info("connected to %s in %.3f s; remote command started in %.3f s",
-                 self.entry.host.label, connected - began, time.monotonic() - connected)
+        early, self.early_session = self.early_session, None
+        conn, channel = early.result() if early is not None else bootstrap.open_session(self.entry, start=start)
         old, self.ssh = self.ssh, conn
         if old is not None:
             with contextlib.suppress(Exception):
                 old.close()
-        return channel, payload
+        return channel
 
     @property
     def _tunnel(self) -> Tunnel:
@@ -148,7 +135,7 @@ class Launcher:
         return self.tunnel
 
     def _start_remote(self) -> None:
-        channel, payload = self._open_session(start=True)
+        # Built before waiting for the session (the connection is still being made).
         hello = {
             "mode": "start", "name": self.entry.name, "key": self.info.key,
             "signature_scheme": self.info.signature_scheme, "argv": bootstrap.kernel_argv(self.entry),
@@ -156,9 +143,11 @@ class Launcher:
             "reconnect_grace": self.entry.reconnect_grace, "startup_timeout": self.entry.startup_timeout,
             "replace": self._previous_kernel(),
         }
+        request = bootstrap.agent_input(hello)
+        channel = self._open_session(start=True)
         # The key and token travel on stdin, inside the encrypted session; never in argv.
         try:
-            channel.sendall(payload + P.hello(hello, 0))
+            channel.sendall(request)
         except RemoteKernelError:
             # The remote command can end before reading its stdin (python not found: exit 127;
             # a missing cwd): say why from its exit status and stderr, not "lost the channel".
@@ -169,8 +158,8 @@ class Launcher:
         self._tunnel.start()
 
     def _attach_remote(self) -> None:
-        channel, payload = self._open_session(start=False)
-        channel.sendall(payload + P.hello({"mode": "attach", "dir": self.state.remote_dir}, 0))
+        channel = self._open_session(start=False)
+        channel.sendall(bootstrap.agent_input({"mode": "attach", "dir": self.state.remote_dir}))
         self._tunnel.attach(channel, hello={"token": self.token})
 
     # ------------------------------------------------------------------------------ main loop
@@ -418,6 +407,8 @@ class Launcher:
     # ------------------------------------------------------------------------------ cleanup
 
     def _cleanup(self) -> None:
+        if self.early_session is not None:  # we failed before using it
+            self.early_session.abandon()
         if self.tunnel is not None:
             try:
                 self.tunnel.close()

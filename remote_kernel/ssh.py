@@ -19,6 +19,7 @@ import getpass
 import hashlib
 import hmac
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ import shlex
 import socket
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,30 +45,57 @@ else:
         (mypy sees the real module above)."""
 
         def __getattr__(self, name: str) -> Any:
-            return getattr(_load_paramiko(), name)
+            return getattr(load_paramiko(), name)
 
     paramiko = _LazyParamiko()
 
 
-def _load_paramiko() -> Any:
-    """paramiko, imported without invoke: paramiko.config imports it (about a third of
-    ``import paramiko``, ~30 ms of every kernel start) only to run ``Match exec`` lines of an
-    ssh_config, and _SSHConfig hands it over when a config has one (_enable_match_exec)."""
+def load_paramiko() -> Any:
+    """paramiko, imported without two costs it adds to every kernel start (bench/README.md):
+    - invoke: paramiko.config imports it (~30 ms) only to run ``Match exec`` lines of an
+      ssh_config; _SSHConfig hands it over when a config has one (_enable_match_exec);
+    - importlib.metadata: paramiko imports it (~10 ms: email, zipfile, csv...) for one call,
+      ``metadata.version("paramiko")``; a stand-in answers it from the dist-info directory name.
+    Both stand-ins leave sys.modules as soon as paramiko is loaded."""
     module = sys.modules.get("paramiko")
     if module is not None:
         return module
-    if "invoke" in sys.modules:
-        return importlib.import_module("paramiko")
-    sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` fails at once
+    stand_ins: dict[str, Any] = {}
+    if "invoke" not in sys.modules:
+        stand_ins["invoke"] = None  # `import invoke` fails at once
+    if "importlib.metadata" not in sys.modules:
+        stand_ins["importlib.metadata"] = _VersionOnlyMetadata("importlib.metadata")
+    sys.modules.update(stand_ins)
     try:
         return importlib.import_module("paramiko")
     finally:
-        if "invoke" in sys.modules and sys.modules["invoke"] is None:
-            del sys.modules["invoke"]
+        for name, stand_in in stand_ins.items():
+            if name in sys.modules and sys.modules[name] is stand_in:
+                del sys.modules[name]
+
+
+class _VersionOnlyMetadata(types.ModuleType):
+    """What paramiko's ``from importlib import metadata; metadata.version("paramiko")`` needs."""
+
+    @staticmethod
+    def version(distribution: str) -> str:
+        spec = importlib.util.find_spec(distribution)
+        if spec is not None and spec.origin:
+            site_dir = Path(spec.origin).parent.parent
+            prefix = distribution.lower().replace("-", "_") + "-"
+            with contextlib.suppress(OSError):
+                for name in os.listdir(site_dir):
+                    if name.lower().startswith(prefix) and name.endswith(".dist-info"):
+                        return name[len(prefix):-len(".dist-info")]
+        # Not a plain wheel install (egg, zip...): ask the real module.
+        if isinstance(sys.modules.get("importlib.metadata"), _VersionOnlyMetadata):
+            del sys.modules["importlib.metadata"]
+        real = importlib.import_module("importlib.metadata")
+        return str(real.version(distribution))
 
 
 def _enable_match_exec() -> None:
-    """Give paramiko.config the invoke that _load_paramiko kept from it (or, when invoke is not
+    """Give paramiko.config the invoke that load_paramiko kept from it (or, when invoke is not
     installed, the ImportError paramiko would have stored and raises for ``Match exec``)."""
     config_module = importlib.import_module("paramiko.config")
     if config_module.invoke is not None:

@@ -1,11 +1,12 @@
 """The remote end of the data path: the kernel's nanny. Python 3.8+, standard library only.
 
-Started by the launcher's SSH session (``start`` mode), it
-- makes a private 0700 directory under /tmp/remote-kernel-<uid>/ and writes the kernel's 0600
-  connection file there with IPC endpoints it chooses itself (nothing to collide with on a shared
+Started by the launcher's SSH session (``start`` mode), after stage one (spawn.py) has
+- made a private 0700 directory under /tmp/remote-kernel-<uid>/ and written the kernel's 0600
+  connection file there with IPC endpoints it chose itself (nothing to collide with on a shared
   login node, and nothing another user can connect to: the traffic never touches TCP);
-- starts the kernel as the leader of its own process group, with JPY_PARENT_PID set so the kernel
+- started the kernel as the leader of its own process group, with JPY_PARENT_PID set so the kernel
   exits by itself if this process dies;
+it
 - relays the kernel's five channels as byte streams over its stdin/stdout (protocol.py);
 - outlives the SSH session: when the uplink drops it holds the kernel-side connections open for a
   lease of ``reconnect_grace`` seconds, waiting for the launcher to reattach through ``agent.sock``
@@ -18,21 +19,28 @@ from __future__ import annotations
 
 import collections
 import errno
-import hmac
 import json
 import os
 import select
-import shutil
 import signal
 import socket
-import stat
-import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Deque, Dict, List, Optional
 
 from remote_kernel import protocol as P
+from remote_kernel.remote.spawn import (
+    AGENT_SOCKET,
+    AgentError,
+    KernelProcess,
+    Started,
+    base_dir,
+    is_our_dir,
+    write_private,
+)
+
+TYPE_CHECKING = False  # typing costs ~2 ms of the agent's start; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any, Deque, Dict, List, Optional
 
 READ_CHUNK = 256 * 1024
 UPLINK_CHUNK = 1024 * 1024
@@ -46,50 +54,8 @@ KERNEL_POLL_INTERVAL = 0.02  # seconds: a busy loop checks the kernel process (w
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of the kernel's group
 STDERR_TAIL_LINES = 40
 ALLOWED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-BASE_PREFIX = "remote-kernel-"
 AGENT_INFO = "agent.json"
-AGENT_SOCKET = "agent.sock"
 AGENT_MARKER = "remote-kernel-agent"  # in the bootstrap (bootstrap.py), hence in our argv
-
-
-class AgentError(Exception):
-    pass
-
-
-# --------------------------------------------------------------------------------------- files
-
-
-def base_dir() -> str:
-    """/tmp/remote-kernel-<uid>: must be ours and private, or we refuse to use it."""
-    root = tempfile.gettempdir()
-    if len(root) > 40:  # IPC socket paths are limited to ~107 bytes
-        root = "/tmp"
-    path = os.path.join(root, BASE_PREFIX + str(os.getuid()))
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise AgentError(
-            "%s is not a private directory owned by uid %d (mode %o); refusing to use it. "
-            "Remove it or fix its owner/mode (0700)." % (path, os.getuid(), info.st_mode & 0o7777)
-        )
-    return path
-
-
-def write_private(path: str, data: bytes) -> None:
-    """Create a new 0600 file (the kernel's connection file holds the HMAC key)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def is_our_dir(path: str) -> bool:
-    real = os.path.realpath(path)
-    return os.path.dirname(real) == os.path.realpath(base_dir()) and os.path.basename(real).startswith("k-")
 
 
 # --------------------------------------------------------------------------------------- streams
@@ -115,7 +81,7 @@ class Agent:
         self.grace = float(config.get("reconnect_grace", 300))
         self.startup_timeout = float(config.get("startup_timeout", 60))
         self.dir = ""
-        self.kernel: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
+        self.kernel: Optional[KernelProcess] = None
         self.state = "starting"  # starting -> ready -> exiting -> exited
         self.exit_info: Dict[str, Any] = {}
         self.kill_deadline = 0.0
@@ -148,18 +114,20 @@ class Agent:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def run(self, early_frames: List[P.Frame]) -> int:
+    def run(self, started: Started) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # outlive the SSH session
         signal.signal(signal.SIGTERM, self._on_sigterm)
         for fd in (0, 1):
             os.set_blocking(fd, False)
-        try:
-            self._replace_previous(self.config.get("replace"))
-            self._prepare()
-            self._start_kernel()
-        except (AgentError, OSError) as exc:
-            self._fail_startup(str(exc))
-        for frame in early_frames:
+        self.dir, self.kernel = started.dir, started.kernel
+        if started.error:
+            self._fail_startup(started.error)
+        else:
+            try:
+                self._adopt_kernel()
+            except (AgentError, OSError) as exc:
+                self._fail_startup(str(exc))  # _cleanup stops the kernel
+        for frame in self.decoder.feed(started.leftover):
             self._handle_frame(frame)
         try:
             while not self._finished():
@@ -168,62 +136,19 @@ class Agent:
             self._cleanup()
         return 0
 
-    def _replace_previous(self, previous: Optional[Dict[str, str]]) -> None:
-        """A restart whose old launcher was SIGKILLed: stop the old kernel now, not after its lease."""
-        if not previous or not is_our_dir(previous["dir"]):
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(2.0)
-        try:
-            sock.connect(os.path.join(previous["dir"], AGENT_SOCKET))
-            sock.sendall(P.hello({"token": previous["token"], "kill": True}, 0))
-        except OSError:
-            pass  # already gone
-        finally:
-            sock.close()
-
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.terminate_requested = True
 
-    def _prepare(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="k-", dir=base_dir())
-        os.chmod(self.dir, 0o700)
-        connection = {
-            "transport": "ipc",
-            "ip": os.path.join(self.dir, "k"),
-            "key": self.config["key"],
-            "signature_scheme": self.config.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": self.name,
-        }
-        for channel, number in P.IPC_PORTS.items():
-            connection[channel + "_port"] = number
-        write_private(os.path.join(self.dir, "kernel.json"), json.dumps(connection).encode())
+    def _adopt_kernel(self) -> None:
+        """Set up around the kernel stage one started: its output pipes, agent.sock, agent.json."""
+        assert self.kernel is not None
+        for fd, label in ((self.kernel.stdout, "stdout"), (self.kernel.stderr, "stderr")):
+            os.set_blocking(fd, False)
+            self.pipes[fd] = label
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(os.path.join(self.dir, AGENT_SOCKET))
         self.listener.listen(4)
         self.listener.setblocking(False)
-
-    def _kernel_argv(self) -> List[str]:
-        connection_file = os.path.join(self.dir, "kernel.json")
-        replace = {"{python}": sys.executable, "{connection_file}": connection_file}
-        return [replace.get(arg, arg) for arg in self.config["argv"]]
-
-    def _start_kernel(self) -> None:
-        env = dict(os.environ)
-        env.update(self.config.get("env") or {})
-        env["JPY_PARENT_PID"] = str(os.getpid())
-        argv = self._kernel_argv()
-        try:
-            self.kernel = subprocess.Popen(
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True,
-            )
-        except OSError as exc:
-            raise AgentError("cannot run %s: %s" % (argv[0], exc.strerror or exc)) from None
-        for pipe, label in ((self.kernel.stdout, "stdout"), (self.kernel.stderr, "stderr")):
-            assert pipe is not None
-            os.set_blocking(pipe.fileno(), False)
-            self.pipes[pipe.fileno()] = label
         self._write_info()
 
     def _write_info(self) -> None:
@@ -376,10 +301,7 @@ class Agent:
 
     def _wait_kernel(self, timeout: float) -> Optional[int]:
         assert self.kernel is not None
-        try:
-            return self.kernel.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.kernel.wait(timeout)
 
     def _describe_exit(self, code: int) -> str:
         if code < 0:
@@ -659,6 +581,8 @@ class Agent:
         del self.candidates[sock]
         kind, _, acked, payload = frames[0]
         fields = P.decode_json(payload) if kind == P.HELLO else {}
+        import hmac  # here, not at the top: ~2.5 ms (OpenSSL) of every start, used only on reattach
+
         if not hmac.compare_digest(str(fields.get("token", "")), self.token):
             sock.close()
             return
@@ -706,6 +630,8 @@ class Agent:
             except OSError:
                 pass
         if self.dir and is_our_dir(self.dir):
+            import shutil  # not at the top: ~1.5 ms of every start
+
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -786,6 +712,8 @@ def collect_garbage(dry_run: bool) -> List[Dict[str, Any]]:
         if not info["alive"] and age > STALE_MIN_AGE:
             actions.append({"action": "remove-stale-dir", "dir": path, "name": info.get("name")})
             if not dry_run and is_our_dir(path):
+                import shutil
+
                 shutil.rmtree(path, ignore_errors=True)
         elif info["alive"] and not info.get("attached") and info.get("detached_at") is not None:
             overdue = now - float(info["detached_at"]) - float(info.get("grace", 300))
@@ -814,33 +742,14 @@ def _is_agent(pid: int) -> bool:
 # ------------------------------------------------------------------------------------ entry
 
 
-def read_first_frame() -> Any:
-    """Read exactly the first frame from stdin; return it and the bytes that followed it."""
-    buffer = b""
-    while True:
-        if len(buffer) >= P.HEADER.size:
-            kind, sid, seq, length = P.HEADER.unpack_from(buffer)
-            end = P.HEADER.size + length
-            if len(buffer) >= end:
-                return (kind, sid, seq, buffer[P.HEADER.size:end]), buffer[end:]
-        data = os.read(0, 65536)
-        if not data:
-            raise SystemExit(2)
-        buffer += data
-
-
-def main() -> int:
-    (kind, _, _, payload), leftover = read_first_frame()
-    if kind != P.HELLO:
-        sys.stderr.write("remote-kernel: unexpected first frame %d\n" % kind)
-        return 2
-    config = P.decode_json(payload)
+def main(started: Started) -> int:
+    """Stage two: ``started`` is what spawn.begin() read (and, in start mode, started)."""
+    config = started.config
     mode = config.get("mode")
     if mode == "start":
-        agent = Agent(config)
-        return agent.run(agent.decoder.feed(leftover))
+        return Agent(config).run(started)
     if mode == "attach":
-        return splice(str(config["dir"]), leftover)
+        return splice(str(config["dir"]), started.leftover)
     if mode == "list":
         sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents()}) + "\n")
         return 0

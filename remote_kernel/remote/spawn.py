@@ -1,0 +1,298 @@
+"""Stage one of the remote agent: read the HELLO and start the kernel. Python 3.8+, stdlib only.
+
+The kernel's own start (~150 ms of imports) is the longest step of a launch, so it begins before
+anything else the agent needs: this module is compiled and run first, with the fewest imports
+(os, sys, struct, marshal; the agent's full set costs ~20 ms more on a small machine, json alone
+~5 ms, compiling the agent ~6 ms), then hands the running kernel to agent.py, which sets up
+everything else while the kernel imports. It reads the session's BOOT frame, and in ``start`` mode
+- makes a private 0700 directory under /tmp/remote-kernel-<uid>/ (refusing a base directory that
+  is not ours and private), and writes the kernel's 0600 connection file there, IPC endpoints;
+- stops the kernel a ``restart(now=True)`` left behind (its agent's socket, the token proves it);
+- starts the kernel as the leader of its own session with JPY_PARENT_PID set to us.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import struct
+import sys
+
+TYPE_CHECKING = False  # typing is one of the imports this stage saves; mypy reads these anyway
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
+
+# protocol.HEADER, HELLO and BOOT, not imported from there: protocol's imports (json, typing,
+# collections) are what this stage saves. tests/test_agent_stages.py checks they agree.
+FRAME_HEADER = struct.Struct(">BIQI")
+HELLO = 20
+BOOT = 24
+BASE_PREFIX = "remote-kernel-"
+IPC_PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}  # protocol.IPC_PORTS
+AGENT_SOCKET = "agent.sock"
+CONNECTION_FILE = "kernel.json"
+MAX_BASE_LENGTH = 40  # IPC socket paths are limited to ~107 bytes
+
+
+class AgentError(Exception):
+    pass
+
+
+class KernelProcess:
+    """The kernel we forked: what the agent needs of subprocess.Popen, without importing it."""
+
+    def __init__(self, pid: int, stdout: int, stderr: int) -> None:
+        self.pid = pid
+        self.stdout = stdout  # read ends of the kernel's stdout/stderr pipes
+        self.stderr = stderr
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid:
+                # Popen's convention: a negative code is the signal that ended the process.
+                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The exit code, or None if the kernel still runs after ``timeout`` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+
+class Started:
+    """What stage one hands to the agent."""
+
+    def __init__(self, config: Dict[str, Any], leftover: bytes) -> None:
+        self.config = config  # the HELLO's fields
+        self.leftover = leftover  # stdin bytes that followed the HELLO
+        self.dir = ""
+        self.kernel: Optional[KernelProcess] = None
+        self.error = ""  # why the kernel could not be started
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def temp_root() -> str:
+    """tempfile.gettempdir()'s choice, without importing tempfile (random, shutil...)."""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        value = os.environ.get(name)
+        if value and os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK):
+            return value
+    for value in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK):
+            return value
+    return os.getcwd()
+
+
+def base_dir() -> str:
+    """/tmp/remote-kernel-<uid>: must be ours and private, or we refuse to use it."""
+    root = temp_root()
+    if len(root) > MAX_BASE_LENGTH:
+        root = "/tmp"
+    path = os.path.join(root, BASE_PREFIX + str(os.getuid()))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if (info.st_mode & 0o170000) != 0o040000 or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise AgentError(
+            "%s is not a private directory owned by uid %d (mode %o); refusing to use it. "
+            "Remove it or fix its owner/mode (0700)." % (path, os.getuid(), info.st_mode & 0o7777)
+        )
+    return path
+
+
+def is_our_dir(path: str) -> bool:
+    real = os.path.realpath(path)
+    return os.path.dirname(real) == os.path.realpath(base_dir()) and os.path.basename(real).startswith("k-")
+
+
+def make_private_dir() -> str:
+    """A new k-XXXXXXXX directory, 0700 (tempfile.mkdtemp's guarantee: created by us, new)."""
+    base = base_dir()
+    for _ in range(100):
+        path = os.path.join(base, "k-" + os.urandom(4).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # whatever the umask
+        return path
+    raise AgentError("could not create a kernel directory in %s" % base)
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Create a new 0600 file (the kernel's connection file holds the HMAC key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_connection_file(directory: str, config: Dict[str, Any]) -> str:
+    connection: Dict[str, Any] = {
+        "transport": "ipc",
+        "ip": os.path.join(directory, "k"),
+        "key": config["key"],
+        "signature_scheme": config.get("signature_scheme", "hmac-sha256"),
+        "kernel_name": str(config.get("name", "kernel")),
+    }
+    for channel, number in IPC_PORTS.items():
+        connection[channel + "_port"] = number
+    path = os.path.join(directory, CONNECTION_FILE)
+    write_private(path, json_object(connection).encode())
+    return path
+
+
+def json_object(fields: Dict[str, Any]) -> str:
+    """json.dumps for a flat object of strings and integers (the connection file), without json."""
+    items = []
+    for name, value in fields.items():
+        text = str(value) if isinstance(value, int) else json_string(str(value))
+        items.append(json_string(name) + ": " + text)
+    return "{" + ", ".join(items) + "}"
+
+
+def json_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c if c >= " " else "\\u%04x" % ord(c) for c in escaped) + '"'
+
+
+# --------------------------------------------------------------------------------------- kernel
+
+
+def stop_previous(previous: Optional[Dict[str, str]]) -> None:
+    """A restart whose old launcher was SIGKILLed: stop the old kernel now, not after its lease."""
+    if not previous or not is_our_dir(previous["dir"]):
+        return
+    import json
+    import socket
+
+    hello = json.dumps({"token": previous["token"], "kill": True}).encode()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(os.path.join(previous["dir"], AGENT_SOCKET))
+        sock.sendall(FRAME_HEADER.pack(HELLO, 0, 0, len(hello)) + hello)
+    except OSError:
+        pass  # already gone
+    finally:
+        sock.close()
+
+
+def find_executable(name: str, env: Dict[str, str]) -> str:
+    """``name`` as execvpe would find it, on the kernel's PATH (entry.env may change it)."""
+    if os.sep in name:
+        return name
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise AgentError("cannot run %s: not found on PATH" % name)
+
+
+def spawn_kernel(argv: List[str], env: Dict[str, str]) -> KernelProcess:
+    """fork + exec, the kernel leading a new session, stdin from /dev/null, stdout/stderr to pipes.
+    An exec failure comes back as AgentError (through a close-on-exec pipe, like subprocess)."""
+    executable = find_executable(argv[0], env)
+    out_r, out_w = os.pipe()  # os.pipe() fds are close-on-exec (PEP 446)
+    err_r, err_w = os.pipe()
+    check_r, check_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    pid = os.fork()
+    if pid == 0:  # the child: only async-signal-safe work until exec
+        try:
+            os.setsid()
+            _default_signals()
+            os.dup2(devnull, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.execve(executable, argv, env)  # noqa: S606 - the entry's command, as a list: no shell
+        except OSError as exc:
+            os.write(check_w, str(exc.errno or 0).encode())
+        finally:
+            os._exit(127)
+    for fd in (out_w, err_w, check_w, devnull):
+        os.close(fd)
+    failure = os.read(check_r, 32)  # b"" once exec closed the pipe
+    os.close(check_r)
+    if failure:
+        os.waitpid(pid, 0)
+        os.close(out_r)
+        os.close(err_r)
+        code = int(failure)
+        raise AgentError("cannot run %s: %s" % (argv[0], os.strerror(code)))
+    return KernelProcess(pid, out_r, err_r)
+
+
+def _default_signals() -> None:
+    """What subprocess's restore_signals does: Python ignores SIGPIPE and SIGXFSZ, and a kernel
+    that is not Python must not inherit that. The C module: ``signal`` imports enum (~3 ms)."""
+    try:
+        signals: Any = __import__("_signal")
+    except ImportError:
+        signals = __import__("signal")
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signals, name):
+            signals.signal(getattr(signals, name), signals.SIG_DFL)
+
+
+def start_kernel(started: Started) -> None:
+    config = started.config
+    stop_previous(config.get("replace"))
+    started.dir = make_private_dir()
+    connection_file = write_connection_file(started.dir, config)
+    replace = {"{python}": sys.executable, "{connection_file}": connection_file}
+    argv = [replace.get(arg, arg) for arg in config["argv"]]
+    env = dict(os.environ)
+    env.update(config.get("env") or {})
+    env["JPY_PARENT_PID"] = str(os.getpid())  # the kernel exits by itself if we die
+    started.kernel = spawn_kernel(argv, env)
+
+
+# --------------------------------------------------------------------------------------- entry
+
+
+def read_first_frame() -> Tuple[int, bytes, bytes]:
+    """Read exactly the first frame from stdin: (kind, payload, the bytes that followed it).
+    Nothing more: what follows belongs to the agent's frame decoder."""
+    buffer = b""
+    while True:
+        if len(buffer) >= FRAME_HEADER.size:
+            kind, _sid, _seq, length = FRAME_HEADER.unpack_from(buffer)
+            end = FRAME_HEADER.size + length
+            if len(buffer) >= end:
+                return kind, buffer[FRAME_HEADER.size:end], buffer[end:]
+        data = os.read(0, 65536)
+        if not data:
+            raise SystemExit(2)
+        buffer += data
+
+
+def begin() -> Started:
+    """Read the BOOT frame; in ``start`` mode, start the kernel. Failures are the agent's to report."""
+    kind, payload, leftover = read_first_frame()
+    if kind != BOOT:
+        sys.stderr.write("remote-kernel: unexpected first frame %d\n" % kind)
+        raise SystemExit(2)
+    # marshal: the launcher's own request, on the session it authenticated (and the program
+    # that runs here came the same way).
+    started = Started(marshal.loads(payload), leftover)  # noqa: S302 - see above
+    if started.config.get("mode") == "start":
+        try:
+            start_kernel(started)
+        except (AgentError, OSError) as exc:
+            started.error = str(exc)
+    return started

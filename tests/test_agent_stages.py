@@ -1,0 +1,127 @@
+"""Stage one of the remote agent (remote/spawn.py) and the session's first frame, without SSH.
+
+Stage one avoids importing protocol.py and json (they cost the kernel's start ~5-8 ms), so it keeps
+its own copies of a few constants and a small JSON writer: these tests hold them to the originals.
+The real path (sshd, agent, ipykernel) is exercised by test_launch.py and test_resilience.py.
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from remote_kernel import bootstrap
+from remote_kernel import protocol as P
+from remote_kernel.remote import spawn
+
+
+def test_stage_one_constants_match_the_protocol() -> None:
+    assert spawn.FRAME_HEADER.format == P.HEADER.format
+    assert (spawn.HELLO, spawn.BOOT) == (P.HELLO, P.BOOT)
+    assert spawn.IPC_PORTS == P.IPC_PORTS
+
+
+@given(st.dictionaries(st.text(), st.one_of(st.text(), st.integers(min_value=-(2**63), max_value=2**63))))
+def test_json_object_writes_what_json_reads(fields: dict[str, str | int]) -> None:
+    assert json.loads(spawn.json_object(fields)) == fields
+
+
+def test_agent_input_ends_with_a_boot_frame_stage_one_can_read(tmp_path: Path) -> None:
+    request = {"mode": "start", "key": "k\n\"é", "argv": ["{python}", "-m", "x"], "env": {"A": "1"},
+               "reconnect_grace": 2.5, "replace": None, "flag": True}
+    data = bootstrap.agent_input(request)
+    payload = bootstrap.agent_payload()
+    assert data.startswith(payload)
+    kind, _sid, _seq, length = P.HEADER.unpack_from(data, len(payload))
+    assert (kind, length) == (P.BOOT, len(data) - len(payload) - P.HEADER.size)
+    # The format every Python 3 reads (the remote python may be older than ours).
+    assert marshal.loads(data[len(payload) + P.HEADER.size:]) == request  # noqa: S302 - our own bytes
+    assert P.BOOT_MARSHAL_VERSION == 2
+
+
+def test_the_bootstrap_runs_the_agent_under_python_minus_s() -> None:
+    """The whole program, as sshd would run it, in `list` mode (no kernel): stage one reads the
+    BOOT frame, the agent answers on stdout."""
+    payload = bootstrap.agent_payload()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
+        input=bootstrap.agent_input({"mode": "list"}), capture_output=True, timeout=30, check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    answer = json.loads(result.stdout.decode())
+    assert isinstance(answer["agents"], list)
+
+
+def test_a_first_frame_that_is_not_boot_is_refused() -> None:
+    payload = bootstrap.agent_payload()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
+        input=payload + P.hello({"mode": "list"}, 0), capture_output=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert b"unexpected first frame 20" in result.stderr
+
+
+def _reap(process: spawn.KernelProcess, timeout: float = 10.0) -> int:
+    code = process.wait(timeout)
+    for fd in (process.stdout, process.stderr):
+        os.close(fd)
+    assert code is not None, "the child did not exit"
+    return code
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_spawn_kernel_runs_the_command_in_its_own_session_with_default_sigpipe() -> None:
+    script = 'echo "$$ $(ps -o sid= -p $$)"; grep SigIgn /proc/self/status; echo err >&2'
+    process = spawn.spawn_kernel(["sh", "-c", script], dict(os.environ))
+    out, err = _read_all(process.stdout), _read_all(process.stderr)
+    assert _reap(process) == 0
+    lines = out.decode().split("\n")
+    pid, sid = lines[0].split()
+    assert pid == sid == str(process.pid)  # the session (and process group) leader
+    ignored = int(lines[1].split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), "the kernel inherited Python's SIG_IGN for SIGPIPE"
+    assert err == b"err\n"
+
+
+def test_spawn_kernel_finds_the_command_on_the_kernel_env_path(tmp_path: Path) -> None:
+    tool = tmp_path / "my-kernel"
+    tool.write_text("#!/bin/sh\nexit 7\n")
+    tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    assert _reap(spawn.spawn_kernel(["my-kernel"], env)) == 7
+
+
+def test_spawn_kernel_reports_what_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(spawn.AgentError, match="cannot run no-such-kernel-xyz: not found on PATH"):
+        spawn.spawn_kernel(["no-such-kernel-xyz"], dict(os.environ))
+    not_executable = tmp_path / "kernel"
+    not_executable.write_text("#!/bin/sh\n")
+    with pytest.raises(spawn.AgentError, match="Permission denied"):
+        spawn.spawn_kernel([str(not_executable)], dict(os.environ))
+
+
+def test_kernel_process_reports_a_signal_as_a_negative_code() -> None:
+    process = spawn.spawn_kernel(["sleep", "30"], dict(os.environ))
+    assert process.poll() is None
+    assert process.wait(0.05) is None
+    os.killpg(process.pid, signal.SIGKILL)
+    began = time.monotonic()
+    assert _reap(process) == -signal.SIGKILL
+    assert time.monotonic() - began < 5
