@@ -37,10 +37,10 @@ def export_tree(ref: str, dest: Path) -> Path:
     return dest
 
 
-def clone_spec(source: str, name: str, tree: Path) -> None:
+def clone_spec(source: str, name: str, tree: Path, env: dict[str, str] | None = None) -> None:
     spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels"
     document = json.loads((spec_dir / source / "kernel.json").read_text(encoding="utf-8"))
-    document["env"] = {**document.get("env", {}), "PYTHONPATH": str(tree)}
+    document["env"] = {**document.get("env", {}), **(env or {}), "PYTHONPATH": str(tree)}
     bench.write_spec(name, document)
     bench.KERNELS[name] = name
 
@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--execs", type=int, default=200, help="`1+1` per variant in all (0: startup only)")
     parser.add_argument("--openssh", action="store_true", help="add the OpenSSH -L baseline")
     parser.add_argument("--local", action="store_true", help="add the local ipykernel baseline")
+    parser.add_argument("--work-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="add a variant `work+env`: the working tree with this environment (a knob to try)")
     parser.add_argument("--nice", type=int, default=0)
     args = parser.parse_args()
     if args.nice:
@@ -74,7 +76,8 @@ def main() -> int:
     from sshd import SSHServer
 
     server = SSHServer(root / "sshd")
-    variants = ["base", "work"] + (["openssh"] if args.openssh else []) + (["local"] if args.local else [])
+    variants = ["base", "work"] + (["work+env"] if args.work_env else [])
+    variants += (["openssh"] if args.openssh else []) + (["local"] if args.local else [])
     results = {variant: bench.Samples() for variant in variants}
     try:
         server.start()
@@ -84,6 +87,8 @@ def main() -> int:
             bench.compile_bytecode(tree / "remote_kernel")
         clone_spec(bench.KERNELS["ours"], "base", base_tree)
         clone_spec(bench.KERNELS["ours"], "work", REPO)
+        if args.work_env:
+            clone_spec(bench.KERNELS["ours"], "work+env", REPO, dict(item.split("=", 1) for item in args.work_env))
         with (root / "kernels.log").open("ab") as log:
             for number in range(args.rounds):
                 order = bench.rotated(variants, number)

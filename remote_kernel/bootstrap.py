@@ -14,7 +14,6 @@ import functools
 import logging
 import marshal
 import shlex
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -132,51 +131,3 @@ def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
     log.info("connected to %s in %.3f s; remote command started in %.3f s",
              entry.host.label, connected - began, time.monotonic() - connected)
     return conn, channel
-
-
-class EarlySession:
-    """``open_session(entry, start=True)`` on a thread, begun before the launcher imports its own
-    modules and binds its ports, so that this work overlaps the SSH handshake, which is mostly
-    waiting for sshd (bench/README.md: startup). ``result()`` hands over the session or raises
-    what connecting raised; ``abandon()`` closes it when the launcher fails first."""
-
-    def __init__(self, entry: KernelEntry) -> None:
-        from remote_kernel import ssh
-
-        # paramiko is loaded here, before the thread starts: imported beside the launcher's own
-        # imports, the two would only take turns.
-        ssh.load_paramiko()
-        self._entry = entry
-        self._lock = threading.Lock()
-        self._session: tuple[Any, Any] | None = None
-        self._error: BaseException | None = None
-        self._abandoned = False
-        self._thread = threading.Thread(target=self._connect, name="rk-connect", daemon=True)
-        self._thread.start()
-        agent_payload()  # built while the handshake runs
-
-    def _connect(self) -> None:
-        try:
-            session = open_session(self._entry, start=True)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread by result()
-            self._error = exc
-            return
-        with self._lock:
-            self._session = session
-            if self._abandoned:
-                session[0].close()
-
-    def result(self) -> tuple[Any, Any]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._session is None:
-            raise RuntimeError("the connecting thread ended without a session")  # a bug, not a user error
-        return self._session
-
-    def abandon(self) -> None:
-        """Close the session now, or as soon as the thread has it (no waiting on a slow host)."""
-        with self._lock:
-            self._abandoned = True
-            if self._session is not None:
-                self._session[0].close()

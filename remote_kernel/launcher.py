@@ -64,9 +64,8 @@ class Launcher:
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
                  announce: Callable[[Path, KernelEntry], None] | None = None,
-                 runtime_dir: Path | None = None, early_session: bootstrap.EarlySession | None = None) -> None:
+                 runtime_dir: Path | None = None) -> None:
         self.entry = entry
-        self.early_session = early_session  # connecting since before this module was imported
         self.requested_file = connection_file
         self.announce = announce
         self.runtime_dir = runtime_dir
@@ -120,8 +119,7 @@ class Launcher:
     # ------------------------------------------------------------------------------ remote side
 
     def _open_session(self, *, start: bool) -> Any:
-        early, self.early_session = self.early_session, None
-        conn, channel = early.result() if early is not None else bootstrap.open_session(self.entry, start=start)
+        conn, channel = bootstrap.open_session(self.entry, start=start)
         old, self.ssh = self.ssh, conn
         if old is not None:
             with contextlib.suppress(Exception):
@@ -407,8 +405,6 @@ class Launcher:
     # ------------------------------------------------------------------------------ cleanup
 
     def _cleanup(self) -> None:
-        if self.early_session is not None:  # we failed before using it
-            self.early_session.abandon()
         if self.tunnel is not None:
             try:
                 self.tunnel.close()

@@ -45,12 +45,12 @@ else:
         (mypy sees the real module above)."""
 
         def __getattr__(self, name: str) -> Any:
-            return getattr(load_paramiko(), name)
+            return getattr(_load_paramiko(), name)
 
     paramiko = _LazyParamiko()
 
 
-def load_paramiko() -> Any:
+def _load_paramiko() -> Any:
     """paramiko, imported without two costs it adds to every kernel start (bench/README.md):
     - invoke: paramiko.config imports it (~30 ms) only to run ``Match exec`` lines of an
       ssh_config; _SSHConfig hands it over when a config has one (_enable_match_exec);
@@ -95,7 +95,7 @@ class _VersionOnlyMetadata(types.ModuleType):
 
 
 def _enable_match_exec() -> None:
-    """Give paramiko.config the invoke that load_paramiko kept from it (or, when invoke is not
+    """Give paramiko.config the invoke that _load_paramiko kept from it (or, when invoke is not
     installed, the ImportError paramiko would have stored and raises for ``Match exec``)."""
     config_module = importlib.import_module("paramiko.config")
     if config_module.invoke is not None:

@@ -33,15 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
 def launch(entry: Any, connection_file: Path | None) -> int:
     """Serve ``entry`` (shared by start, from-spec and the v1.1 -t form)."""
-    from remote_kernel import bootstrap, console
-
-    console.set_log_entry(entry.name)
-    # Connect first: the launcher's imports and local set-up overlap the SSH handshake.
-    early = bootstrap.EarlySession(entry)
+    from remote_kernel import console
     from remote_kernel.launcher import Launcher
 
+    console.set_log_entry(entry.name)
     announce = _announce if connection_file is None else None
-    return Launcher(entry, connection_file, announce=announce, early_session=early).run()
+    return Launcher(entry, connection_file, announce=announce).run()
 
 
 def _announce(path: Path, entry: Any) -> None:
