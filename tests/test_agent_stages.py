@@ -88,7 +88,7 @@ def _read_all(fd: int) -> bytes:
 
 
 def test_spawn_kernel_runs_the_command_in_its_own_session_with_default_sigpipe() -> None:
-    script = 'echo "$$ $(ps -o sid= -p $$)"; grep SigIgn /proc/self/status; echo err >&2'
+    script = 'echo "$$ $(cut -d" " -f6 /proc/$$/stat)"; grep SigIgn /proc/self/status; echo err >&2'
     process = spawn.spawn_kernel(["sh", "-c", script], dict(os.environ))
     out, err = _read_all(process.stdout), _read_all(process.stderr)
     assert _reap(process) == 0
