@@ -125,3 +125,54 @@ def test_kernel_process_reports_a_signal_as_a_negative_code() -> None:
     began = time.monotonic()
     assert _reap(process) == -signal.SIGKILL
     assert time.monotonic() - began < 5
+
+
+def _older_pythons() -> list[str]:
+    """Interpreters older than ours on this machine (the agent promises Python 3.8+)."""
+    import glob
+    import shutil
+
+    found = {shutil.which(f"python3.{minor}") for minor in (8, 9, 10)}
+    pyenv = os.environ.get("PYENV_ROOT")
+    if pyenv:
+        found |= set(glob.glob(f"{pyenv}/versions/3.[89].*/bin/python3.[89]"))
+    # pyenv's shims fail for versions that are not selected: only real interpreters.
+    return sorted(path for path in found if path and "/shims/" not in path)
+
+
+@pytest.mark.parametrize("python", _older_pythons() or [pytest.param("", marks=pytest.mark.skip(
+    reason="no Python 3.8-3.10 on this machine; the agent's syntax is still checked by test_agent_parses_as_3_8"))])
+def test_the_agent_runs_on_an_older_python(python: str) -> None:
+    """Both stages under an old remote Python: start a stand-in kernel that never opens its
+    sockets; the agent must stop it at startup_timeout, report EXITED and clean up."""
+    payload = bootstrap.agent_payload()
+    request = {"mode": "start", "name": "old", "key": "k", "argv": ["sleep", "30"], "env": {}, "token": "t",
+               "reconnect_grace": 3, "startup_timeout": 1.0, "replace": None}
+    agent = subprocess.Popen([python, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert agent.stdin is not None and agent.stdout is not None and agent.stderr is not None
+    agent.stdin.write(bootstrap.agent_input(request))
+    agent.stdin.flush()
+    decoder, exited = P.FrameDecoder(), None
+    deadline = time.monotonic() + 15
+    while exited is None and time.monotonic() < deadline:
+        chunk = os.read(agent.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        for kind, _sid, seq, frame_payload in decoder.feed(chunk):
+            if kind == P.EXITED:
+                exited = json.loads(frame_payload)
+                agent.stdin.write(P.encode(P.ACK, 0, seq))
+                agent.stdin.flush()
+    agent.stdin.close()
+    assert agent.wait(timeout=15) == 0, agent.stderr.read().decode()
+    assert exited is not None and "startup_timeout" in exited["reason"], exited
+    assert exited["code"] == -signal.SIGTERM
+
+
+def test_agent_parses_as_3_8() -> None:
+    import ast
+
+    package = Path(bootstrap.__file__).parent
+    for path in ("remote/spawn.py", "protocol.py", "remote/agent.py"):
+        ast.parse((package / path).read_text(encoding="utf-8"), feature_version=(3, 8))
