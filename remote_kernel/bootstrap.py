@@ -3,8 +3,8 @@
 The exec command is a few shell lines: ``cd`` to the entry's cwd, the entry's ``setup`` lines
 (shell by design: ``module load``, ``source venv/bin/activate``), then ``exec PYTHON -S -c BOOTSTRAP N``.
 The bootstrap reads exactly N bytes from stdin — remote/spawn.py, protocol.py and remote/agent.py,
-compressed — and runs them; the first frame after that (a HELLO) carries the key, the token and the
-kernel command.
+compressed — and runs them; the first frame after that (BOOT, read by remote/spawn.py) carries the
+key, the token and the kernel command.
 Nothing secret is ever on a command line, and nothing is installed on the remote host.
 """
 

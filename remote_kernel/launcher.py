@@ -133,7 +133,6 @@ class Launcher:
         return self.tunnel
 
     def _start_remote(self) -> None:
-        # Built before waiting for the session (the connection is still being made).
         hello = {
             "mode": "start", "name": self.entry.name, "key": self.info.key,
             "signature_scheme": self.info.signature_scheme, "argv": bootstrap.kernel_argv(self.entry),

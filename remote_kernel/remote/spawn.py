@@ -17,6 +17,7 @@ import marshal
 import os
 import struct
 import sys
+import time
 
 TYPE_CHECKING = False  # typing is one of the imports this stage saves; mypy reads these anyway
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ class KernelProcess:
 
     def wait(self, timeout: float) -> Optional[int]:
         """The exit code, or None if the kernel still runs after ``timeout`` seconds."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
