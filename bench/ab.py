@@ -73,6 +73,9 @@ def main() -> int:
         os.nice(args.nice)
     root = Path(tempfile.mkdtemp(prefix="rk-ab-"))
     bench.isolate(root)
+    # `python -m` puts the working directory first on sys.path: run from the repository, every
+    # variant's launcher would import the working tree whatever its PYTHONPATH says.
+    os.chdir(root)
     from sshd import SSHServer
 
     server = SSHServer(root / "sshd")

@@ -2,11 +2,18 @@
 
 Listens on the client's ports on 127.0.0.1 (any number of clients per channel), and carries each
 client connection as a stream of frames (protocol.py) over one uplink: the stdin/stdout of one
-SSH exec channel running the remote agent. Two threads:
+SSH exec channel running the remote agent. Three threads:
 
-- the *pump* runs one select loop: accepts clients, reads them, reads the uplink, writes clients;
+- the *pump* runs one select loop: accepts clients, reads them, writes clients what they could
+  not take at once, sends a client's small request itself when the writer is idle;
 - the *writer* sequences frames from the outbox (control frames first) and writes them to the
-  uplink, whose ``sendall`` blocks when the SSH window is full.
+  uplink, whose ``sendall`` blocks when the SSH window is full;
+- paramiko's *transport thread* hands the agent's bytes to ``_from_uplink`` as each SSH packet
+  is decrypted (ssh.ExecChannel.deliver_to), which parses the frames and writes the clients at
+  once: one thread wake-up per reply instead of two. It never sends on the channel: a send may
+  wait for a re-key that only this thread can finish, so window grants (``release``) and
+  anything else that sends are left to the pump. The pump's state (streams, decoder, receiver)
+  is shared with it under ``_work``, which no thread holds while sending on the channel.
 
 Client connections stay open when the uplink drops; ``attach`` joins a new uplink and both ends
 re-send what the other has not acknowledged, so a reattach loses nothing. Anything that goes
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import queue
@@ -36,6 +44,7 @@ READ_CHUNK = P.MAX_PAYLOAD
 # Take everything paramiko has buffered (up to the channel window, ssh.CHANNEL_WINDOW) in one
 # read: a partial read copies the rest of its buffer down (50 MB of output: 0.44 -> 0.41 s).
 UPLINK_READ = 16 * 1024 * 1024
+RELEASE_STEP = 1024 * 1024  # wake the pump to grant SSH window after this much was delivered
 BULK_LIMIT = 4 * 1024 * 1024  # stop reading clients while this much waits in the outbox
 WRITE_BATCH = 512 * 1024
 DIRECT_LIMIT = 64 * 1024  # a client's frame this small is written by the pump itself when it can
@@ -85,6 +94,7 @@ class Tunnel:
         self._events = events
         self._ping_interval = ping_interval
         self._lock = threading.Condition()
+        self._work = threading.RLock()  # see the module docstring
         self._outbox = P.Outbox()
         self._sender = P.ReliableSender()
         self._receiver = P.ReliableReceiver()
@@ -94,6 +104,11 @@ class Tunnel:
         self._streams: dict[int, ClientStream] = {}
         self._by_sock: dict[socket.socket, ClientStream] = {}
         self._next_sid = 1
+        self._closing: list[socket.socket] = []  # closed by the pump between select rounds
+        self._dead_uplinks: list[Uplink] = []  # closed by the pump outside _work (closing sends)
+        self._direct: tuple[bytes, Uplink] | None = None  # a request the pump sends after its round
+        self._unreleased = 0  # bytes delivered by the transport thread, not yet granted back
+        self._wake_pump = False
         self._running = True
         self._sending = False  # the writer thread or the pump is writing to the uplink
         # recv() of 256 KiB allocates (and frees) that much for every small request, ~12 us
@@ -119,14 +134,20 @@ class Tunnel:
     def attach(self, uplink: Uplink, *, hello: dict[str, Any] | None = None) -> None:
         """Carry the streams over ``uplink``. With ``hello`` (a reattach), introduce ourselves
         and re-send everything the agent has not acknowledged; it drops what it already has."""
-        with self._lock:
+        with self._work, self._lock:
             self._uplink = uplink
             self._decoder.reset()
+            self._unreleased = 0
             self._last_rx = time.monotonic()
             if hello is not None:
                 self._raw = [P.hello(hello, self._receiver.received), *self._sender.unacknowledged()]
                 self._receiver.acked = self._receiver.received
             self._lock.notify_all()
+        # Not under _work: the channel hands over its backlog under its own lock, the order the
+        # transport thread takes them in. Bytes the pump read before this are handled first.
+        deliver_to = getattr(uplink, "deliver_to", None)
+        if deliver_to is not None:
+            deliver_to(functools.partial(self._from_uplink, uplink))
         self._wake()
 
     def acknowledge_now(self) -> None:
@@ -156,10 +177,14 @@ class Tunnel:
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(timeout=2.0)
-        for stream in list(self._streams.values()):
-            stream.sock.close()
-        for sock in self._listeners:
-            sock.close()
+        with self._work:
+            for stream in list(self._streams.values()):
+                stream.sock.close()
+            for sock in [*self._listeners, *self._closing]:
+                sock.close()
+        for uplink in self._take_dead_uplinks():
+            with contextlib.suppress(Exception):
+                uplink.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -187,15 +212,19 @@ class Tunnel:
 
     def _put_data(self, sid: int, payload: bytes) -> None:
         """A client's bytes. When the writer thread is idle and the SSH window has room, the pump
-        writes the frame itself: handing it to the writer cost a thread wake-up per request
-        (relay round trip ~300 -> ~270 us measured). Only the pump calls this: a signal handler
-        sending on the channel could deadlock on paramiko's lock held by the code it interrupted."""
+        writes the frame itself after its round (``_send_direct``): handing it to the writer cost
+        a thread wake-up per request (relay round trip ~300 -> ~270 us measured). Only the pump
+        calls this: a signal handler sending on the channel could deadlock on paramiko's lock
+        held by the code it interrupted."""
         with self._lock:
             self._outbox.put(P.DATA, sid, payload)
             claimed = self._claim_uplink(P.HEADER.size + len(payload))
             if claimed is None:
                 self._lock.notify_all()
                 return
+        self._direct = claimed
+
+    def _send_direct(self, claimed: tuple[bytes, Uplink]) -> None:
         wire, uplink = claimed
         self._send(uplink, wire)
         with self._lock:
@@ -272,26 +301,60 @@ class Tunnel:
                 return  # an old uplink failing after a reattach is not news
             self._uplink = None
             self._raw = []
-        with contextlib.suppress(Exception):
-            uplink.close()
+            self._dead_uplinks.append(uplink)  # the pump closes it, holding nothing
         self._events.put(Event("link_lost", reason, uplink))
         self._wake()
+
+    def _take_dead_uplinks(self) -> list[Uplink]:
+        with self._lock:
+            dead, self._dead_uplinks = self._dead_uplinks, []
+        return dead
 
     # ----------------------------------------------------------------------------- pump thread
 
     def _pump(self) -> None:
         while self._running:
-            readers, writers = self._interest()
+            with self._work:
+                self._close_sockets()
+                readers, writers = self._interest()
+                uplink = self._uplink
             try:
                 readable, writable, _ = select.select(readers, writers, [], self._tick())
             except (OSError, ValueError):
-                self._drop_closed_sockets()
+                with self._work:
+                    self._drop_closed_sockets()
                 continue
-            for item in writable:
-                self._write_client(self._by_sock[item])
-            for item in readable:
-                self._on_readable(item)
-            self._timers()
+            if uplink is not None and uplink.fileno() in readable:
+                self._read_stderr(uplink)  # outside _work: a read may grant window (a send)
+            with self._work:
+                for item in writable:
+                    if (stream := self._by_sock.get(item)) is not None:
+                        self._write_client(stream)
+                for item in readable:
+                    self._on_readable(item)
+                self._timers()
+                direct, self._direct = self._direct, None
+                consumed, self._unreleased = self._unreleased, 0
+            self._after_round(direct, consumed, uplink)
+
+    def _after_round(self, direct: tuple[bytes, Uplink] | None, consumed: int, uplink: Uplink | None) -> None:
+        """What sends on the SSH channel, done holding nothing (see the module docstring)."""
+        if direct is not None:
+            self._send_direct(direct)
+        release = getattr(uplink, "release", None)
+        if consumed and release is not None:
+            try:
+                release(consumed)
+            except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
+                self._lost(uplink, f"writing to the SSH channel failed: {exc}")  # type: ignore[arg-type]
+        for dead in self._take_dead_uplinks():
+            with contextlib.suppress(Exception):
+                dead.close()
+
+    def _close_sockets(self) -> None:
+        for sock in self._closing:
+            sock.close()
+        self._closing.clear()
 
     def _tick(self) -> float:
         return min(0.25, max(0.01, self._ping_interval / 4))
@@ -319,7 +382,7 @@ class Tunnel:
         elif item in self._by_sock:
             self._read_client(self._by_sock[item])
         elif self._uplink is not None and item == self._uplink.fileno():
-            self._read_uplink(self._uplink)
+            self._read_stdout(self._uplink)
 
     def _timers(self) -> None:
         now = time.monotonic()
@@ -398,17 +461,23 @@ class Tunnel:
     def _close_stream(self, stream: ClientStream, *, tell_peer: bool) -> None:
         self._streams.pop(stream.sid, None)
         self._by_sock.pop(stream.sock, None)
-        stream.sock.close()
+        # Closed by the pump before its next select: it may be watching this socket right now
+        # (when the transport thread closes a stream), and a closed fd's number gets reused.
+        self._closing.append(stream.sock)
+        self._wake_pump = True
         if tell_peer:
             self._put(P.CLOSE, stream.sid)
 
     # ------------------------------------------------------------------------------ uplink
 
-    def _read_uplink(self, uplink: Uplink) -> None:
+    def _read_stderr(self, uplink: Uplink) -> None:
         with contextlib.suppress(Exception):
             while uplink.recv_stderr_ready():
                 text = uplink.recv_stderr(65536).decode("utf-8", "replace")
                 self._events.put(Event("stderr", text))
+
+    def _read_stdout(self, uplink: Uplink) -> None:
+        """Stdout the channel buffered (until deliver_to takes over, or where it cannot), or EOF."""
         try:
             data = uplink.recv(UPLINK_READ)
         except (BlockingIOError, InterruptedError, TimeoutError):
@@ -429,12 +498,35 @@ class Tunnel:
         for frame in self._decoder.feed(data):
             self._on_frame(frame)
 
+    def _from_uplink(self, uplink: Uplink, data: bytes) -> None:
+        """(paramiko's transport thread) One SSH packet of the agent's output: parse and deliver
+        it now. Wakes the pump only when it has something to do: window to grant, a client that
+        could not take everything, a socket to close, a stream to read again."""
+        try:
+            with self._work:
+                if self._uplink is not uplink or not self._running:
+                    return  # an old link's last packets: the agent re-sends them on reattach
+                self._wake_pump = False
+                self._last_rx = time.monotonic()
+                self._unreleased += len(data)
+                for frame in self._decoder.feed(data):
+                    self._on_frame(frame)
+                wake = self._wake_pump or self._unreleased >= RELEASE_STEP
+        except BaseException as exc:  # never into paramiko's thread: it would end the connection
+            log.debug("delivering the agent's output failed", exc_info=True)
+            self._failure = exc
+            self._events.put(Event("crashed", exc))
+            return
+        if wake:
+            self._wake()
+
     def _on_frame(self, frame: P.Frame) -> None:
         kind, sid, seq, payload = frame
         if kind in P.LINK_FRAMES:
             with self._lock:
                 self._sender.acknowledge(seq)
                 self._lock.notify_all()
+            self._wake_pump = True  # the acknowledgement may let it read clients again
             if kind == P.HELLO:
                 self._events.put(Event("attached", P.decode_json(payload)))
             return
@@ -448,8 +540,12 @@ class Tunnel:
         stream = self._streams.get(sid)
         if stream is None:
             return
-        stream.outbuf += payload
-        self._write_client(stream)  # most writes complete at once: save a select round
+        if stream.outbuf:  # the client is behind: the pump writes when it can take more
+            stream.outbuf += payload
+        else:
+            stream.outbuf += payload
+            self._write_client(stream)  # most writes complete at once: save a select round
+            self._wake_pump = self._wake_pump or bool(stream.outbuf)  # to watch it for writing
         if not stream.we_paused and len(stream.outbuf) > P.STREAM_HIGH_WATER:
             stream.we_paused = True
             self._put(P.PAUSE, sid)
@@ -466,6 +562,7 @@ class Tunnel:
     def _on_resume(self, sid: int, payload: bytes) -> None:
         if (stream := self._streams.get(sid)) is not None:
             stream.peer_paused = False
+            self._wake_pump = True
 
 
 

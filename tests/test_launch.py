@@ -433,6 +433,49 @@ def test_a_kernel_runs_through_an_sshd_with_tcp_forwarding_disabled(
         assert execute(kc, "print('x' * 100_000)").stdout == "x" * 100_000 + "\n"
 
 
+
+def _patched_launcher(spec_dir: Path, patch: str) -> None:
+    """Make the kernelspec run the real launcher after ``patch`` (Python lines) has run in it."""
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    assert spec["argv"][1:3] == ["-m", "remote_kernel"]
+    code = f"{patch}\nimport runpy\nrunpy.run_module('remote_kernel', run_name='__main__', alter_sys=True)\n"
+    spec["argv"][1:3] = ["-c", code]
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+@pytest.mark.timeout(180)
+def test_output_and_input_flow_while_both_ends_re_key_many_times(
+    sshd_factory: SSHDFactory, remote_python: Path
+) -> None:
+    """The agent's output is parsed on paramiko's transport thread. Were that thread to send (a
+    window grant) while a key exchange it started is under way, it would wait for the exchange
+    that only it can finish: "Key-exchange timed out" after 30 s (ANCHORS.md). Here the launcher's
+    paramiko starts a re-key every 256 KiB (not 512 MiB) and sshd every ~1 MiB, while output
+    keeps arriving."""
+    server = sshd_factory(extra_config="RekeyLimit 1M\nLogLevel DEBUG1")
+    spec_dir = write_spec(kernel_entry(server, remote_python, "rekey"))
+    _patched_launcher(spec_dir, "import paramiko.packet\nparamiko.packet.Packetizer.REKEY_BYTES = 256 * 1024")
+    with started_kernel("rekey") as (_, kc):
+        big = execute(kc, "print('x' * (8 * 2**20))", timeout=120)
+        assert big.stdout == "x" * (8 * 2**20) + "\n"
+        upload = "u" * (2 * 2**20)
+        assert execute(kc, f"len({upload!r})", timeout=60).result == str(len(upload))
+        assert execute(kc, "1+1").result == "2"
+    assert server.log_tail(100_000).count("SSH2_MSG_NEWKEYS received") >= 20
+
+
+def test_where_paramiko_lacks_what_the_fast_path_needs_the_kernel_still_works_through_recv(
+    sshd: SSHServer, remote_python: Path
+) -> None:
+    """ssh._StdoutTap relies on private paramiko names; without them the tunnel reads the channel."""
+    spec_dir = write_spec(kernel_entry(sshd, remote_python, "norecv"))
+    _patched_launcher(spec_dir, "from remote_kernel import ssh\nssh._StdoutTap.install = lambda channel: None")
+    with started_kernel("norecv") as (_, kc):
+        assert execute(kc, "1+1").result == "2"
+        big = execute(kc, "print('x' * (20 * 2**20))", timeout=120)  # more than one window
+        assert big.stdout == "x" * (20 * 2**20) + "\n"
+
+
 def _assert_forwarding_is_refused(server: SSHServer) -> None:
     """The fixture really forbids forwarding: a direct-tcpip channel is refused."""
     client = paramiko.SSHClient()

@@ -468,3 +468,53 @@ def test_connections_can_be_used_from_several_threads(sshd: SSHServer) -> None:
         for thread in threads:
             thread.join(timeout=20)
     assert sorted(results) == [b"0\n", b"1\n", b"2\n", b"3\n"]
+
+
+def test_deliver_to_hands_over_the_backlog_first_then_every_packet_and_release_keeps_output_flowing(
+    sshd: SSHServer,
+) -> None:
+    """The launcher's fast path (tunnel.py): stdout goes to a sink on paramiko's thread. What was
+    buffered before comes first, in order; 40 MiB (2.5 windows) flow only because the reader
+    grants window with release(); EOF still wakes a select on the channel."""
+    size = 40 * 2**20
+    command = f"printf first-; read go; head -c {size} /dev/zero | tr '\\0' y; printf -- -end"
+    received: list[bytes] = []
+    threads: set[str] = set()
+
+    def sink(data: bytes) -> None:
+        threads.add(threading.current_thread().name)
+        received.append(data)
+
+    with ssh.connect(sshd.host_entry()) as connection:
+        channel = connection.open_exec(command)
+        deadline = time.monotonic() + 10
+        while not channel.recv_ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert channel.recv_ready(), "the first output never arrived"
+        assert channel.deliver_to(sink)
+        assert not channel.recv_ready()  # handed to the sink, not left in the buffer
+        channel.sendall(b"go\n")
+        released = 0
+        deadline = time.monotonic() + 60
+        while sum(map(len, received)) < size + 10 and time.monotonic() < deadline:
+            total = sum(map(len, received))
+            channel.release(total - released)
+            released = total
+            time.sleep(0.005)
+        readable, _, _ = select.select([channel], [], [], 10)
+        assert readable, "EOF did not wake select"
+        channel.set_blocking(False)
+        assert channel.recv(10) == b""
+    data = b"".join(received)
+    assert len(data) == size + 10
+    assert data[:6] == b"first-" and data[-4:] == b"-end" and data.count(b"y") == size
+    assert threads - {threading.current_thread().name}, "the sink ran only on the caller's thread (the backlog)"
+
+
+def test_without_the_private_names_it_needs_the_tap_stays_out_and_recv_is_used(sshd: SSHServer) -> None:
+    class NoBuffer:
+        transport = None
+
+    assert ssh._StdoutTap.install(NoBuffer()) is None  # type: ignore[arg-type]
+    with ssh.connect(sshd.host_entry()) as connection:
+        assert _run(connection, "echo plain")[0] == b"plain\n"
