@@ -116,6 +116,7 @@ class Tunnel:
         self._read_view = memoryview(bytearray(READ_CHUNK))
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)  # a full pipe already wakes the pump: never wait on it
         self._last_rx = time.monotonic()
         self._last_ack = time.monotonic()
         self._last_ping = time.monotonic()
@@ -508,10 +509,11 @@ class Tunnel:
                     return  # an old link's last packets: the agent re-sends them on reattach
                 self._wake_pump = False
                 self._last_rx = time.monotonic()
+                before = self._unreleased
                 self._unreleased += len(data)
                 for frame in self._decoder.feed(data):
                     self._on_frame(frame)
-                wake = self._wake_pump or self._unreleased >= RELEASE_STEP
+                wake = self._wake_pump or before < RELEASE_STEP <= self._unreleased  # once per grant
         except BaseException as exc:  # never into paramiko's thread: it would end the connection
             log.debug("delivering the agent's output failed", exc_info=True)
             self._failure = exc
@@ -540,12 +542,15 @@ class Tunnel:
         stream = self._streams.get(sid)
         if stream is None:
             return
-        if stream.outbuf:  # the client is behind: the pump writes when it can take more
-            stream.outbuf += payload
-        else:
-            stream.outbuf += payload
-            self._write_client(stream)  # most writes complete at once: save a select round
-            self._wake_pump = self._wake_pump or bool(stream.outbuf)  # to watch it for writing
+        was_empty = not stream.outbuf
+        stream.outbuf += payload
+        # A small reply is written at once (saves a select round). Bulk output is left to the pump,
+        # which writes whatever the client can take when it can: written from here, a 50 MB
+        # print took 0.38 s in some runs and 0.7-1.8 s in others, with sshd's CPU up 5-10x.
+        if was_empty and len(payload) <= DIRECT_LIMIT:
+            self._write_client(stream)
+        if was_empty and stream.outbuf:
+            self._wake_pump = True  # to watch the client for writing
         if not stream.we_paused and len(stream.outbuf) > P.STREAM_HIGH_WATER:
             stream.we_paused = True
             self._put(P.PAUSE, sid)
