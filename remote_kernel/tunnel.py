@@ -342,12 +342,11 @@ class Tunnel:
         """What sends on the SSH channel, done holding nothing (see the module docstring)."""
         if direct is not None:
             self._send_direct(direct)
-        release = getattr(uplink, "release", None)
-        if consumed and release is not None:
+        if consumed and uplink is not None and (release := getattr(uplink, "release", None)) is not None:
             try:
                 release(consumed)
             except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
-                self._lost(uplink, f"writing to the SSH channel failed: {exc}")  # type: ignore[arg-type]
+                self._lost(uplink, f"writing to the SSH channel failed: {exc}")
         for dead in self._take_dead_uplinks():
             with contextlib.suppress(Exception):
                 dead.close()
