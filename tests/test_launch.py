@@ -433,7 +433,6 @@ def test_a_kernel_runs_through_an_sshd_with_tcp_forwarding_disabled(
         assert execute(kc, "print('x' * 100_000)").stdout == "x" * 100_000 + "\n"
 
 
-
 def _patched_launcher(spec_dir: Path, patch: str) -> None:
     """Make the kernelspec run the real launcher after ``patch`` (Python lines) has run in it."""
     spec = json.loads((spec_dir / "kernel.json").read_text())
