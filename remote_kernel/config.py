@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from remote_kernel.entry import (
+    DEFAULT_OUTPUT_BACKLOG,
     DEFAULT_PYTHON,
     DEFAULT_RECONNECT_GRACE,
     DEFAULT_STARTUP_TIMEOUT,
@@ -33,6 +34,8 @@ from remote_kernel.entry import (
     HostEntry,
     KernelEntry,
     is_valid_kernel_name,
+    parse_byte_size,
+    parse_duration,
     parse_target,
 )
 from remote_kernel.errors import ConfigError, ConfigProblem, UsageError
@@ -56,12 +59,24 @@ def _one_of(choices: Sequence[str]) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _duration(value: Any) -> Any:
+    """``"90s"``, ``"15m"``, ``"12h"``, ``"3d"`` -> seconds; anything else is left to the type check."""
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+def _byte_size(value: Any) -> Any:
+    """``"64MiB"``, ``"512MB"`` -> bytes; anything else is left to the type check."""
+    return parse_byte_size(value) if isinstance(value, str) else value
+
+
 _NonEmpty = Annotated[str, Field(min_length=1)]
 _NoSpace = Annotated[str, Field(pattern=r"^\S+$")]
 _EnvName = Annotated[str, Field(pattern=r"^[^=\x00]+$")]
 _EnvValue = Annotated[str, Field(pattern=r"^[^\x00]*$")]
-_Seconds = Annotated[float, Field(gt=0)]
-_SecondsOrZero = Annotated[float, Field(ge=0)]
+# A string with a unit is converted before the strict type check, so a bool is still refused.
+_Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+_SecondsOrZero = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+_Bytes = Annotated[int, BeforeValidator(_byte_size), Field(gt=0)]
 _Port = Annotated[int, Field(ge=1, le=65535)]
 _HostKeyPolicy = Annotated[str, _one_of(HOST_KEY_POLICIES)]
 _InterruptMode = Annotated[str, _one_of(INTERRUPT_MODES)]
@@ -93,8 +108,15 @@ class KernelSettings(BaseModel):
     language: _NonEmpty | None = _described('a non-empty string (e.g. "python")')
     interrupt_mode: _InterruptMode | None = _described(
         f"one of {', '.join(map(json.dumps, INTERRUPT_MODES))}")
-    startup_timeout: _Seconds | None = _described("a number of seconds greater than 0")
-    reconnect_grace: _SecondsOrZero | None = _described("a number of seconds, 0 or more")
+    startup_timeout: _Seconds | None = _described(
+        'a duration greater than 0: seconds, or a string like "90s", "15m", "12h", "3d"')
+    reconnect_grace: _SecondsOrZero | None = _described(
+        'a duration, 0 or more: seconds, or a string like "90s", "15m", "12h", "3d"')
+    runtime_dir: _NonEmpty | None = _described(
+        'a non-empty string, a remote directory for the kernel\'s private files '
+        '(e.g. "$XDG_RUNTIME_DIR" or "/scratch/$USER"; default: $TMPDIR or /tmp)')
+    output_backlog: _Bytes | None = _described(
+        'a size greater than 0: bytes, or a string like "64MiB", "512MB", "1GiB"')
 
 
 class DefaultsTable(KernelSettings):
@@ -302,11 +324,13 @@ def _resolve_kernel(name: str, table: KernelTable, defaults: DefaultsTable,
         startup_timeout=float(pick("startup_timeout") or DEFAULT_STARTUP_TIMEOUT),
         reconnect_grace=float(_first_set(table.reconnect_grace, defaults.reconnect_grace,
                                          DEFAULT_RECONNECT_GRACE)),
+        runtime_dir=pick("runtime_dir"),
+        output_backlog=int(pick("output_backlog") or DEFAULT_OUTPUT_BACKLOG),
     )
 
 
 def _first_set(*values: float | None) -> float:
-    return next(value for value in values if value is not None)
+    return float(next(value for value in values if value is not None))
 
 
 def _resolve_host(ref: str, tables: Mapping[str, HostTable], chain: tuple[str, ...]) -> HostEntry:

@@ -24,6 +24,7 @@ DEFAULT_PYTHON = "python3"
 DEFAULT_STARTUP_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_RECONNECT_GRACE = 300.0
+DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024
 HOST_KEY_POLICIES = ("strict", "accept-new")
 INTERRUPT_MODES = ("message", "signal")
 
@@ -138,6 +139,8 @@ class KernelEntry:
     interrupt_mode: str = "signal"
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     reconnect_grace: float = DEFAULT_RECONNECT_GRACE
+    runtime_dir: str | None = None
+    output_backlog: int = DEFAULT_OUTPUT_BACKLOG
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +158,8 @@ class KernelEntry:
             "interrupt_mode": self.interrupt_mode,
             "startup_timeout": self.startup_timeout,
             "reconnect_grace": self.reconnect_grace,
+            "runtime_dir": self.runtime_dir,
+            "output_backlog": self.output_backlog,
         }
 
     @classmethod
@@ -174,12 +179,40 @@ class KernelEntry:
             interrupt_mode=str(data.get("interrupt_mode", "signal")),
             startup_timeout=float(data.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
             reconnect_grace=float(data.get("reconnect_grace", DEFAULT_RECONNECT_GRACE)),
+            runtime_dir=data.get("runtime_dir"),
+            output_backlog=int(data.get("output_backlog", DEFAULT_OUTPUT_BACKLOG)),
         )
 
     def fingerprint(self) -> str:
         """A stable hash of everything that affects the launch (sync compares these)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds: a number, or ``90s``, ``15m``, ``12h``, ``3d`` (ValueError saying what is expected)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value).lower())
+    if not match:
+        raise ValueError(f'expected seconds or a string like "90s", "15m", "12h", "3d", found {value!r}')
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
+def parse_byte_size(value: int | str) -> int:
+    """Bytes: an integer, or ``64MiB``, ``512MB``, ``1G`` (K/M/G/T; with or without ``i``: powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _BYTE_SIZE.match(str(value))
+    if not match:
+        raise ValueError(f'expected bytes or a string like "64MiB", "512MB", "1GiB", found {value!r}')
+    power = " kmgt".index(match[2].lower() or " ")
+    return int(float(match[1]) * 1024**power)
 
 
 # v1.1's -c: a leading bare python becomes {python}, the entry's interpreter after its setup lines.

@@ -139,6 +139,7 @@ class Launcher:
             "env": dict(self.entry.env), "token": self.token,
             "reconnect_grace": self.entry.reconnect_grace, "startup_timeout": self.entry.startup_timeout,
             "replace": self._previous_kernel(),
+            "runtime_dir": self.entry.runtime_dir, "output_backlog": self.entry.output_backlog,
         }
         request = bootstrap.agent_input(hello)
         channel = self._open_session(start=True)

@@ -498,3 +498,63 @@ def test_absurdly_deep_nesting_is_a_config_error_not_a_recursion_error(
     path = tmp_path / "deep.toml"
     path.write_text('[kernels.k]\nhost = "h.example.org"\nsetup = ' + "[" * depth + "]" * depth)
     assert problems_of(path)
+
+
+# --- durations, sizes and the round-two keys -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("written", "seconds"), [
+    ("45", 45.0), ("2.5", 2.5), ('"90s"', 90.0), ('"15m"', 900.0), ('"12h"', 43200.0), ('"3d"', 259200.0),
+    ('"1.5h"', 5400.0), ('"30"', 30.0),
+])
+def test_durations_are_seconds_or_strings_with_a_unit(tmp_path: Path, written: str, seconds: float) -> None:
+    path = write(tmp_path, f"""
+        [kernels.k]
+        host = "alice@lab"
+        startup_timeout = {written}
+        reconnect_grace = {written}
+        """)
+    entry = load_config(path).entry("k")
+    assert (entry.startup_timeout, entry.reconnect_grace) == (seconds, seconds)
+
+
+@pytest.mark.parametrize("written", ['"soon"', '"10 minutes"', '"-5s"', "true", '""'])
+def test_a_bad_duration_names_the_key_and_the_accepted_forms(tmp_path: Path, written: str) -> None:
+    path = write(tmp_path, f"""
+        [defaults]
+        startup_timeout = {written}
+        """)
+    problem = only_problem(path)
+    assert (problem.key, problem.line) == ("defaults.startup_timeout", 2)
+    assert '"15m"' in problem.message and "seconds" in problem.message
+
+
+def test_runtime_dir_and_output_backlog_are_inherited_and_reach_the_entry(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [defaults]
+        runtime_dir = "$XDG_RUNTIME_DIR"
+        output_backlog = "8MiB"
+
+        [kernels.inherits]
+        host = "alice@lab"
+
+        [kernels.own]
+        host = "alice@lab"
+        runtime_dir = "/scratch/alice"
+        output_backlog = 1000000
+        """)
+    entries = load_config(path).entries()
+    assert (entries["inherits"].runtime_dir, entries["inherits"].output_backlog) == ("$XDG_RUNTIME_DIR", 8 << 20)
+    assert (entries["own"].runtime_dir, entries["own"].output_backlog) == ("/scratch/alice", 1_000_000)
+
+
+def test_unset_runtime_dir_and_output_backlog_take_the_builtin_defaults(tmp_path: Path) -> None:
+    entry = load_config(write(tmp_path, '[kernels.k]\nhost = "alice@lab"\n')).entry("k")
+    assert (entry.runtime_dir, entry.output_backlog) == (None, 64 << 20)
+    assert type(entry).from_dict(entry.to_dict()) == entry
+
+
+@pytest.mark.parametrize("written", ['"lots"', "0", '"0MiB"', "-1"])
+def test_a_bad_output_backlog_names_the_key(tmp_path: Path, written: str) -> None:
+    problem = only_problem(write(tmp_path, f'[kernels.k]\nhost = "alice@lab"\noutput_backlog = {written}\n'))
+    assert problem.key == "kernels.k.output_backlog" and "MiB" in problem.message
