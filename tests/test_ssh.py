@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -43,6 +44,21 @@ def _run(connection: ssh.SSHConnection, command: str, stdin: bytes = b"") -> tup
             channel.close()
             return out, err, status
     raise AssertionError(f"{command!r} did not finish in 10 s")
+
+
+def _eof_and_exit_status(channel: ssh.ExecChannel, timeout: float) -> int | None:
+    """Wait (bounded) until a non-blocking channel has both read EOF and its exit status, which
+    sshd sends in either order; returns the status."""
+    eof = False
+    deadline = time.monotonic() + timeout
+    while not (eof and channel.exit_status() is not None) and time.monotonic() < deadline:
+        with contextlib.suppress(BlockingIOError):
+            rest = channel.recv(100)
+            assert rest == b"", f"unexpected output after the reply: {rest!r}"
+            eof = True
+        time.sleep(0.01)
+    assert eof, f"no EOF within {timeout} s"
+    return channel.exit_status()
 
 
 def _send_until_it_fails(channel: ssh.ExecChannel, deadline: float) -> None:
@@ -103,10 +119,8 @@ def test_exec_channel_non_blocking_recv_raises_blocking_io_error_until_data_arri
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
         assert data == b"got hello\n"
-        deadline = time.monotonic() + 10
-        while channel.exit_status() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert channel.exit_status() == 0
+        # sshd may send the exit status before EOF or after it (1 run in 6): wait for both
+        assert _eof_and_exit_status(channel, timeout=10) == 0
         assert channel.recv(100) == b""  # EOF, even in non-blocking mode
         channel.close()
         assert channel.closed
