@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from remote_kernel import __version__
@@ -84,7 +84,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="remote-kernel",
         description="Run Jupyter kernels on remote machines over SSH, declared in remote-kernels.toml.",
         parents=[global_options(suppress=False)],
-        epilog="v1.1 form: remote-kernel -t [user@]host[:port] [-J jump]... [-i key] [-c command] [-f file]",
+        epilog="v1.1 form: remote-kernel -t [user@]host[:port] [-J jump]... [-i key] [-c command] "
+               "[--python P] [-f file].  Log level without -v/-q: $REMOTE_KERNEL_LOG "
+               "(debug, info, warning, error).",
     )
     parser.add_argument("--version", action="version", version=f"remote-kernel {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -92,11 +94,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     names = [*COMMANDS.values(), ADHOC_MODULE] if only is None else [_module_of(only)]
     for module_name in names:
         _command_module(module_name).register(subparsers, common)
-    # argparse has no hidden subcommands: drop the v1.1 one from the listing in --help.
+    # argparse has no hidden subcommands: drop the v1.1 one from the listing in --help, and from
+    # the "invalid choice ... (choose from ...)" list, which argparse builds by iterating choices.
     subparsers._choices_actions = [
         action for action in subparsers._choices_actions if action.dest != ADHOC_COMMAND
     ]
+    subparsers.choices = subparsers._name_parser_map = _HiddenChoices(subparsers.choices)
     return parser
+
+
+class _HiddenChoices(dict[str, Any]):
+    """The subcommand map: lookups find every command, iteration (listings) skips the hidden one."""
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in super().__iter__() if name != ADHOC_COMMAND)
 
 
 def _module_of(command: str) -> str:
@@ -145,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from remote_kernel import console
 
-    console.setup_logging(args.verbose - args.quiet)
+    explicit = bool(args.verbose or args.quiet)
+    console.setup_logging(args.verbose - args.quiet,
+                          default_level=None if explicit else console.level_from_environment())
     return _run_command(args)
 
 

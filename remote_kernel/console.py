@@ -16,6 +16,9 @@ from typing import Any
 JSON_SCHEMA_VERSION = 1
 LOG_FORMAT_PLAIN = "%(asctime)s %(levelname)-7s [%(rk_entry)s] %(message)s"
 
+LOG_ENV_VAR = "REMOTE_KERNEL_LOG"
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
 _entry_name = "remote-kernel"
 
 
@@ -42,6 +45,22 @@ def verbosity_to_level(verbosity: int) -> int:
     if verbosity == 1:
         return logging.INFO
     return logging.DEBUG
+
+
+def level_from_environment() -> int | None:
+    """The level named by ``$REMOTE_KERNEL_LOG`` (debug, info, warning, error), or None.
+
+    The way to raise a launcher's log level without editing kernel.json: Jupyter passes its own
+    environment to the kernelspec's argv. An invalid value is reported once and ignored.
+    """
+    value = os.environ.get(LOG_ENV_VAR, "").strip()
+    if not value:
+        return None
+    level = _LOG_LEVELS.get(value.lower())
+    if level is None:
+        sys.stderr.write(f"remote-kernel: warning: ${LOG_ENV_VAR}={value!r} is not one of "
+                         f"{', '.join(_LOG_LEVELS)}; ignored\n")
+    return level
 
 
 def setup_logging(verbosity: int, *, default_level: int | None = None) -> None:
@@ -88,10 +107,14 @@ def stdout_console() -> Any:
     return Console()
 
 
-def emit_json(command: str, payload: dict[str, Any]) -> None:
-    """The only thing a --json run writes on stdout: one versioned document."""
+def emit_json(command: str, payload: dict[str, Any], *, one_line: bool = False) -> None:
+    """The only thing a --json run writes on stdout: one versioned document.
+
+    ``one_line`` for a process that keeps running after it (start): a reader can take the first
+    line (`| head -n 1`) instead of parsing a stream that never ends.
+    """
     document = {"remote_kernel_json": JSON_SCHEMA_VERSION, "command": command, **payload}
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(document, indent=None if one_line else 2, sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -161,3 +162,100 @@ def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str])
     assert cli.main(["frobnicate"]) == 2
     assert "invalid choice" in capsys.readouterr().err
 
+
+
+def test_an_unknown_command_lists_the_commands_but_not_the_hidden_v1_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "'sync', 'start'" in err
+    assert cli.ADHOC_COMMAND not in err
+
+
+def test_a_v1_1_usage_error_names_the_program_not_the_hidden_command(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["-t"]) == 2
+    err = capsys.readouterr().err
+    assert "remote-kernel: error: argument -t/--target: expected one argument" in err
+    assert cli.ADHOC_COMMAND not in err
+
+
+def test_the_top_level_help_shows_the_v1_1_form_with_its_python_option(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "remote-kernel -t [user@]host[:port] [-J jump]... [-i key] [-c command] [--python P]" in out
+    assert "REMOTE_KERNEL_LOG" in out
+
+
+def test_start_with_a_mistyped_kernel_name_exits_2_and_suggests_the_close_one(
+        good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["start", "lab-py31", "--config", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "no kernel named 'lab-py31'" in err
+    assert "did you mean 'lab-py311'?" in err
+    assert "Traceback" not in err
+
+
+def test_start_with_an_unrelated_name_lists_the_known_kernels_without_a_guess(
+        good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["start", "zzz", "--config", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "known kernels: lab-py311, v6" in err
+    assert "did you mean" not in err
+
+
+def test_from_spec_with_an_unknown_kernelspec_exits_2_and_suggests_an_installed_one(
+        good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sync", "--config", str(good)]) == 0
+    capsys.readouterr()
+    assert cli.main(["from-spec", "lab-py31"]) == 2
+    err = capsys.readouterr().err
+    assert "no kernelspec 'lab-py31'" in err
+    assert "did you mean 'lab-py311'?" in err
+    assert cli.main(["from-spec", "nosuch"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_from_spec_json_with_an_unknown_kernelspec_prints_one_error_document(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["from-spec", "nosuch", "--json"]) == 2
+    document = json.loads(capsys.readouterr().out)
+    assert (document["command"], document["ok"], document["error"]["type"]) == ("from-spec", False, "UsageError")
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", logging.DEBUG), ("INFO", logging.INFO),
+                                               ("Warning", logging.WARNING), ("error", logging.ERROR)])
+def test_remote_kernel_log_sets_the_level_when_no_v_or_q_is_given(
+        good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str, level: int,
+) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_LOG", value)
+    assert cli.main(["validate", "--config", str(good)]) == 0
+    assert logging.getLogger().level == level
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "level"), [("-q", logging.ERROR), ("-v", logging.INFO)])
+def test_v_and_q_win_over_remote_kernel_log(
+        good: Path, monkeypatch: pytest.MonkeyPatch, flag: str, level: int) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_LOG", "debug")
+    assert cli.main(["validate", flag, "--config", str(good)]) == 0
+    assert logging.getLogger().level == level
+
+
+def test_an_invalid_remote_kernel_log_gives_one_warning_line_and_is_ignored(
+        good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_LOG", "loud")
+    assert cli.main(["validate", "--config", str(good)]) == 0
+    assert logging.getLogger().level == logging.WARNING
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "REMOTE_KERNEL_LOG='loud' is not one of debug, info, warning, error; ignored" in err
+
+
+def test_launcher_hints_for_the_v1_1_form_name_its_options_not_config_keys() -> None:
+    from remote_kernel.commands.adhoc_cmd import in_option_words
+
+    hint = "install ipykernel for the remote python (`python -m pip install ipykernel`) or set `python` to one"
+    assert in_option_words(hint).endswith("or pass `--python` with one")
+    assert in_option_words("check `python`, `setup` and `command`") == "check `--python`, `setup` and `-c`"

@@ -12,7 +12,7 @@ from remote_kernel.commands.start_cmd import add_connection_file_option
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     """Registered as a hidden subcommand: cli.py inserts its name when argv starts with -t."""
     parser = subparsers.add_parser(
-        "run-target", parents=[common],
+        "run-target", parents=[common], prog="remote-kernel",  # the user typed no command name
         description="(v1.1) start an ad-hoc kernel on a target without a config entry.",
     )
     add_target_options(parser)
@@ -21,8 +21,24 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from remote_kernel.commands.start_cmd import launch
+    from remote_kernel.errors import LaunchError
 
-    return launch(entry_from_target_args(args), args.connection_file)
+    try:
+        return launch(entry_from_target_args(args), args.connection_file, json_output=args.json)
+    except LaunchError as exc:
+        exc.hint = exc.hint and in_option_words(exc.hint)
+        raise
+
+
+# The launcher's hints name config keys; the -t form sets the same things with options.
+_KEY_TO_OPTION = (("set `python` to", "pass `--python` with"), ("`python`", "`--python`"), ("`command`", "`-c`"))
+
+
+def in_option_words(hint: str) -> str:
+    """A launcher hint for the -t form: `--python` and `-c` instead of the config keys."""
+    for key, option in _KEY_TO_OPTION:
+        hint = hint.replace(key, option)
+    return hint
 
 
 def entry_from_target_args(args: argparse.Namespace) -> Any:

@@ -28,24 +28,43 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from remote_kernel.commands.start_cmd import launch
 
-    return launch(load_spec_entry(args.kernel), args.connection_file)
+    return launch(load_spec_entry(args.kernel), args.connection_file, json_output=args.json)
 
 
 def find_spec_dir(kernel: str) -> Path:
     """A directory holding kernel.json, or the first kernelspec named ``kernel`` on JUPYTER_PATH."""
-    from remote_kernel.errors import KernelspecError
+    from remote_kernel.errors import UsageError
+    from remote_kernel.suggest import did_you_mean
 
     candidate = Path(kernel).expanduser()
     if (candidate / "kernel.json").is_file():
         return candidate.resolve()
-    if "/" not in kernel:
-        from jupyter_core.paths import jupyter_path
+    bases = _kernelspec_bases() if "/" not in kernel else []
+    for base in bases:
+        if (base / kernel / "kernel.json").is_file():
+            return base / kernel
+    suggestion = did_you_mean(kernel, _installed_names(bases)) if bases else ""
+    # A name the user typed that matches nothing is bad usage (exit 2), as for `start NAME`.
+    raise UsageError(f"no kernelspec {kernel!r}: not a directory with kernel.json, nor a name on JUPYTER_PATH"
+                     + (f"; {suggestion}" if suggestion else ""),
+                     hint="run `remote-kernel sync`, or `jupyter kernelspec list` to see what is installed")
 
-        for base in jupyter_path("kernels"):
-            if (Path(base) / kernel / "kernel.json").is_file():
-                return Path(base) / kernel
-    raise KernelspecError(f"no kernelspec {kernel!r}: not a directory with kernel.json, nor a name on JUPYTER_PATH",
-                          hint="run `remote-kernel sync`, or `jupyter kernelspec list` to see what is installed")
+
+def _kernelspec_bases() -> list[Path]:
+    from jupyter_core.paths import jupyter_path
+
+    return [Path(base) for base in jupyter_path("kernels")]
+
+
+def _installed_names(bases: list[Path]) -> set[str]:
+    """Every kernelspec name on JUPYTER_PATH (only read for the "did you mean" of a miss)."""
+    names: set[str] = set()
+    for base in bases:
+        try:
+            names.update(path.parent.name for path in base.glob("*/kernel.json"))
+        except OSError:
+            continue
+    return names
 
 
 def load_spec_entry(kernel: str) -> Any:

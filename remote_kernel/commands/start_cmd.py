@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from remote_kernel.config import LoadedConfig
+    from remote_kernel.entry import KernelEntry
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "start", parents=[common], help="launch the kernel entry NAME from the config file",
         description="Start the remote kernel NAME and keep it alive until it is shut down. Without -f, "
-                    "writes a connection file in the Jupyter runtime dir and prints how to attach to it. "
-                    "Ctrl-C interrupts the running cell; Ctrl-\\ or SIGTERM stops the kernel.",
+                    "writes a connection file in the Jupyter runtime dir and prints how to attach to it "
+                    "(with --json: one JSON document once the kernel is ready). Interrupt a running cell "
+                    "with Ctrl-C here or `kill -INT <launcher pid>`: clients attached with --existing "
+                    "cannot interrupt it. Ctrl-\\ or SIGTERM stops the kernel.",
     )
     parser.add_argument("name", metavar="NAME", help="a [kernels.NAME] entry of the config file")
     add_connection_file_option(parser)
@@ -28,22 +34,86 @@ def run(args: argparse.Namespace) -> int:
     from remote_kernel.config import discover_config_path, load_config
 
     loaded = load_config(discover_config_path(args.config))
-    return launch(loaded.entry(args.name), args.connection_file)
+    return launch(find_entry(loaded, args.name), args.connection_file, json_output=args.json)
 
 
-def launch(entry: Any, connection_file: Path | None) -> int:
-    """Serve ``entry`` (shared by start, from-spec and the v1.1 -t form)."""
+def find_entry(loaded: LoadedConfig, name: str) -> KernelEntry:
+    """The entry ``name``; a usage error with "did you mean" when there is none."""
+    from remote_kernel.errors import UsageError
+    from remote_kernel.suggest import did_you_mean
+
+    try:
+        return loaded.entry(name)
+    except UsageError as exc:
+        suggestion = did_you_mean(name, loaded.entries())
+        if not suggestion:
+            raise
+        raise UsageError(f"{exc.message}; {suggestion}", hint=exc.hint) from None
+
+
+def launch(entry: Any, connection_file: Path | None, *, json_output: bool = False) -> int:
+    """Serve ``entry`` (shared by start, from-spec and the v1.1 -t form).
+
+    The "how to connect" text is printed only for a connection file we chose (under Jupyter, -f is
+    given and stdout is not the user's); with --json, one document is printed in every case.
+    """
     from remote_kernel import console
+    from remote_kernel.errors import RemoteKernelError
     from remote_kernel.launcher import Launcher
 
     console.set_log_entry(entry.name)
-    announce = _announce if connection_file is None else None
-    return Launcher(entry, connection_file, announce=announce).run()
+    announcer = _Announcer(json_output=json_output)
+    announce = announcer if json_output or connection_file is None else None
+    try:
+        return Launcher(entry, connection_file, announce=announce).run()
+    except RemoteKernelError as exc:
+        if not announcer.done or not json_output:
+            raise
+        # The ready document is out: a second one (cli.py's error document) would break readers.
+        console.emit_error(str(exc))
+        return exc.exit_code
 
 
-def _announce(path: Path, entry: Any) -> None:
+class _Announcer:
+    """Says once, when the kernel is first ready, how to connect, interrupt and stop it."""
+
+    def __init__(self, *, json_output: bool) -> None:
+        self.json_output = json_output
+        self.done = False
+
+    def __call__(self, path: Path, entry: Any) -> None:
+        if self.done:  # a reattach reports ready again; the user was told already
+            return
+        self.done = True
+        if self.json_output:
+            _announce_json(path, entry)
+        else:
+            _announce_text(path, entry)
+
+
+def _announce_text(path: Path, entry: Any) -> None:
+    import os
+
     from remote_kernel import console
 
-    console.emit_line(f"Kernel {entry.name!r} is running on {entry.host.label}.")
-    console.emit_line("To connect a client (Ctrl-C interrupts, Ctrl-\\ stops the kernel):")
+    pid = os.getpid()
+    console.emit_line(f"Kernel {entry.name!r} is running on {entry.host.label}. To connect a client:")
     console.emit_line(f"    jupyter console --existing {path}")
+    # jupyter console / qtconsole refuse to interrupt a kernel they did not start (issue 12, item 12).
+    console.emit_line(f"Interrupt a running cell: Ctrl-C in this terminal, or `kill -INT {pid}` (this launcher); "
+                      "clients attached with --existing cannot interrupt it.")
+    console.emit_line(f"Stop the kernel: Ctrl-\\ in this terminal, or `kill {pid}`.")
+
+
+def _announce_json(path: Path, entry: Any) -> None:
+    import os
+
+    from remote_kernel import console
+
+    pid = os.getpid()
+    console.emit_json("start", {
+        "ok": True, "kernel": entry.name, "display_name": entry.display_name, "host": entry.host.label,
+        "connection_file": str(path), "existing": f"jupyter console --existing {path}",
+        "launcher_pid": pid, "interrupt": f"kill -INT {pid}", "stop": f"kill {pid}",
+        "interrupt_mode": entry.interrupt_mode,
+    }, one_line=True)
