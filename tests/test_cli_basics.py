@@ -259,3 +259,28 @@ def test_launcher_hints_for_the_v1_1_form_name_its_options_not_config_keys() -> 
     hint = "install ipykernel for the remote python (`python -m pip install ipykernel`) or set `python` to one"
     assert in_option_words(hint).endswith("or pass `--python` with one")
     assert in_option_words("check `python`, `setup` and `command`") == "check `--python`, `setup` and `-c`"
+
+
+def test_list_without_any_config_says_where_one_goes_and_exits_0(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"No config file yet, so no remote kernels (looked at {tmp_path / 'remote-kernels.toml'}")
+    assert "remote-kernel install -t" in out
+    assert "then `remote-kernel sync`" in out
+    assert err == ""
+
+
+def test_list_json_without_any_config_is_an_empty_list_with_the_next_steps(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["command"], document["config"], document["kernels"]) == ("list", None, [])
+    assert len(document["looked_at"]) == 2
+
+
+def test_list_with_a_missing_file_named_by_the_environment_is_still_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_CONFIG", str(tmp_path / "gone.toml"))
+    assert cli.main(["list"]) == 2
+    assert "named by $REMOTE_KERNEL_CONFIG does not exist" in capsys.readouterr().err

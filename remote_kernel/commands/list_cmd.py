@@ -6,6 +6,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from remote_kernel.config import LoadedConfig
 
 
@@ -19,7 +21,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from remote_kernel import config, console
 
-    loaded = config.load_config(config.discover_config_path(args.config))
+    path = _config_path(args.config)
+    if path is None:
+        return _no_config_yet(args)
+    loaded = config.load_config(path)
     kernels = _kernel_rows(loaded)
     if args.json:
         console.emit_json("list", {"config": str(loaded.path), "kernels": kernels})
@@ -27,6 +32,49 @@ def run(args: argparse.Namespace) -> int:
     columns = list(kernels[0]) if kernels else ["name", "host", "display_name", "python"]
     console.emit_table(f"kernels in {loaded.path}", columns,
                        [[str(kernel[column]) for column in columns] for kernel in kernels])
+    return 0
+
+
+def _config_path(explicit: str | None) -> Path | None:
+    """The config file, or None when none was named and none exists where one is looked for.
+
+    Having no config yet is a state, not an error, for `list` (the README's first command runs
+    it on a fresh machine); a file named by --config or $REMOTE_KERNEL_CONFIG must still exist.
+    """
+    import os
+
+    from remote_kernel import config
+
+    if not explicit and not os.environ.get(config.CONFIG_ENV_VAR) and not any(
+            candidate.is_file() for candidate in _default_locations()):
+        return None
+    return config.discover_config_path(explicit)
+
+
+def _default_locations() -> list[Path]:
+    from pathlib import Path
+
+    from remote_kernel import config
+
+    return [Path.cwd() / config.CONFIG_FILENAME, config.default_user_config_path()]
+
+
+def _no_config_yet(args: argparse.Namespace) -> int:
+    from remote_kernel import console
+
+    locations = [str(path) for path in _default_locations()]
+    steps = [
+        "remote-kernel install -t [user@]host --python /path/to/python   (writes the config and the kernelspec)",
+        f"or write {locations[-1]} (start from examples/minimal.toml in the source tree), "
+        "then `remote-kernel sync`",
+    ]
+    if args.json:
+        console.emit_json("list", {"config": None, "kernels": [], "looked_at": locations, "next": steps})
+        return 0
+    console.emit_line(f"No config file yet, so no remote kernels (looked at {' and '.join(locations)}).")
+    console.emit_line("To add one:")
+    for step in steps:
+        console.emit_line(f"  {step}")
     return 0
 
 
