@@ -9,14 +9,16 @@ ZMQ lose its first request), and a port in use is reported before any remote wor
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from remote_kernel.errors import LaunchError, UsageError
 from remote_kernel.protocol import CHANNELS
@@ -147,22 +149,88 @@ def is_live(path: Path) -> bool:
         return probe.connect_ex((LOCALHOST, port)) == 0
 
 
+# Linux lists every TCP socket of this network namespace, with its owner, in these two tables.
+TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+ByteOrder = Literal["little", "big"]
+_TIME_WAIT = "06"  # a closed connection's leftover: no process, no owner (uid 0), never a client
+
+
+@dataclass(frozen=True)
+class TcpRow:
+    """One row of /proc/net/tcp or /proc/net/tcp6, addresses decoded (v4-mapped IPv6 as IPv4)."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: str
+    uid: int
+
+
+def can_see_socket_owners() -> bool:
+    """Whether this system shows who owns a TCP socket (Linux's /proc/net/tcp; macOS and BSD do not)."""
+    return TCP_TABLES[0].exists()
+
+
 def peer_uid(sock: socket.socket) -> int | None:
-    """The uid owning the other end of a loopback TCP connection, or None if unknown.
+    """The uid owning the other end of a loopback TCP connection, or None if that is not certain.
 
     On a shared machine (JupyterLab on a login node) any user can connect to 127.0.0.1; the HMAC
-    key stops them sending, but not reading iopub. Linux lists every TCP socket with its owner in
-    /proc/net/tcp: the client's socket is the row whose local address is our peer address.
+    key stops them sending, but not reading iopub. The client's socket is the one row whose
+    (address, port) pairs are our peer's and ours, in that order. Ports alone are not enough
+    (issue 16): another user can bind 127.0.0.2 with the owner's client port and connect to
+    another of our ports, and a port-only match then finds the owner's row. None (no row, or
+    more than one) means "refuse" wherever ``can_see_socket_owners()``.
     """
     try:
-        peer_host, peer_port = sock.getpeername()[:2]
-        local_port = sock.getsockname()[1]
-        table = Path("/proc/net/tcp6" if ":" in peer_host else "/proc/net/tcp").read_text()
-    except OSError:
+        client = _endpoint(sock.getpeername())
+        server = _endpoint(sock.getsockname())
+        tables = [path.read_text(encoding="ascii", errors="replace") for path in TCP_TABLES if path.exists()]
+    except (OSError, ValueError):
         return None
-    wanted = (f":{peer_port:04X}", f":{local_port:04X}")
-    for line in table.splitlines()[1:]:
+    return owner_of_connection(tables, client=client, server=server)
+
+
+def owner_of_connection(tables: list[str], *, client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The uid of the one socket connected from ``client`` to ``server`` in these tables (the
+    text of /proc/net/tcp and tcp6: a dual-stack client's row is in tcp6, v4-mapped), else None."""
+    wanted = (_normal_address(client[0]), client[1]), (_normal_address(server[0]), server[1])
+    owners = [row.uid for table in tables for row in parse_tcp_table(table, ports=(client[1], server[1]))
+              if (row.local, row.remote) == wanted and row.state != _TIME_WAIT]
+    return owners[0] if len(owners) == 1 else None
+
+
+def parse_tcp_table(text: str, *, ports: tuple[int, int] | None = None,
+                    byteorder: ByteOrder = sys.byteorder) -> list[TcpRow]:
+    """The rows of a /proc/net/tcp{,6} text; with ``ports`` (local, remote) only the rows with
+    those ports (cheap: decoding every address of a busy login node's table is not)."""
+    suffixes = None if ports is None else (f":{ports[0]:04X}", f":{ports[1]:04X}")
+    rows = []
+    for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 7 and fields[1].endswith(wanted[0]) and fields[2].endswith(wanted[1]):
-            return int(fields[7])
-    return None
+        if len(fields) < 8 or (suffixes and not (fields[1].endswith(suffixes[0]) and fields[2].endswith(suffixes[1]))):
+            continue
+        with contextlib.suppress(ValueError):
+            rows.append(TcpRow(_decode_endpoint(fields[1], byteorder), _decode_endpoint(fields[2], byteorder),
+                               fields[3], int(fields[7])))
+    return rows
+
+
+def _decode_endpoint(text: str, byteorder: ByteOrder) -> tuple[str, int]:
+    """``0100007F:1F90`` -> ("127.0.0.1", 8080). The kernel prints each 32-bit word of the
+    address in host byte order (4 words for IPv6), the port in plain hex."""
+    address, port = text.split(":")
+    if len(address) not in (8, 32):
+        raise ValueError(f"not an address: {address!r}")
+    words = (int(address[i:i + 8], 16).to_bytes(4, byteorder) for i in range(0, len(address), 8))
+    return _normal_address(str(ipaddress.ip_address(b"".join(words)))), int(port, 16)
+
+
+def _endpoint(name: Any) -> tuple[str, int]:
+    return str(name[0]).split("%")[0], int(name[1])
+
+
+def _normal_address(text: str) -> str:
+    """One spelling per address: ``::ffff:127.0.0.1`` (a dual-stack socket) is 127.0.0.1."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

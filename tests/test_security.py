@@ -20,7 +20,6 @@ import errno
 import json
 import logging
 import os
-import pwd
 import re
 import secrets
 import select
@@ -55,8 +54,10 @@ from launch_helpers import (
     single_kernel_config,
     wait_until,
 )
+from os_users import OSUser, os_user_fixture, os_users_fixture, run_python_as  # noqa: F401 - fixtures
 from sshd import SSHServer, descendants_of
 
+from remote_kernel.connection import owner_of_connection, parse_tcp_table
 from remote_kernel.errors import LaunchError
 
 pytestmark = pytest.mark.timeout(180)
@@ -479,34 +480,13 @@ def test_no_kernel_channel_is_on_tcp_and_the_agent_has_no_inet_socket(
 # --- a second OS user on the same host
 
 
-@dataclass(frozen=True)
-class OtherUser:
-    name: str
-    uid: int
-    gid: int
+OtherUser = OSUser
 
 
 @pytest.fixture
-def intruder() -> Iterator[OtherUser]:
-    """A throw-away second OS user (root only: useradd); removed at teardown."""
-    reason = None
-    if os.geteuid() != 0:
-        reason = "needs root to create a second OS user with useradd (CI runs the tests as root)"
-    elif shutil.which("useradd") is None or shutil.which("userdel") is None:
-        reason = "useradd/userdel not found (apt-get install passwd)"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so the second-user test must run", pytrace=False)
-        pytest.skip(reason)
-    name = f"rk-intruder-{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
-                   check=True, capture_output=True, timeout=60)
-    try:
-        entry = pwd.getpwnam(name)
-        yield OtherUser(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True, timeout=60)
-        subprocess.run(["groupdel", name], check=False, capture_output=True, timeout=60)
+def intruder(os_users: Callable[..., OSUser]) -> OSUser:
+    """A throw-away second OS user who cannot log in (tests/os_users.py; deleted at session end)."""
+    return os_users("/usr/sbin/nologin")
 
 
 def _attempt(results: dict[str, Any], what: str, action: Callable[..., object], *args: Any) -> None:
@@ -757,3 +737,121 @@ def test_a_world_readable_connection_file_from_jupyter_is_served_as_found_with_a
     assert re.search(rf"WARNING.*{re.escape(str(connection_file))}.*other users", kernel.launcher.stderr), \
         kernel.launcher.stderr
     assert kernel.key not in kernel.launcher.stderr
+
+
+# --- the local ports' owner check (issue 16, item 1)
+
+# Captured on x86-64 Linux (little-endian words), with the header line the kernel prints.
+TCP_HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout "
+              "inode\n")
+TCP6_HEADER = ("  sl  local_address                         remote_address                        st tx_queue "
+               "rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
+
+
+def tcp_row(local: str, remote: str, uid: int, state: str = "01") -> str:
+    return f"   0: {local} {remote} {state} 00000000:00000000 00:00000000 00000000 {uid:5d}        0 4242 1 0\n"
+
+
+OWNER_ROW = tcp_row("0100007F:9C40", "0100007F:1F90", uid=1000)  # 127.0.0.1:40000 -> 127.0.0.1:8080
+OTHER_ROW = tcp_row("0200007F:9C40", "0100007F:1F91", uid=1001)  # 127.0.0.2:40000 -> 127.0.0.1:8081
+MAPPED_ROW = tcp_row("0000000000000000FFFF00000300007F:9C40", "0000000000000000FFFF00000100007F:1F91", uid=1002)
+V6_ROW = tcp_row("00000000000000000000000001000000:9C40", "00000000000000000000000001000000:1F91", uid=1003)
+
+
+@pytest.mark.parametrize(("tables", "client", "server", "owner"), [
+    pytest.param([TCP_HEADER + OWNER_ROW + OTHER_ROW], ("127.0.0.2", 40000), ("127.0.0.1", 8081), 1001,
+                 id="the same client port on another address is another user's socket"),
+    pytest.param([TCP_HEADER + OTHER_ROW + OWNER_ROW], ("127.0.0.1", 40000), ("127.0.0.1", 8080), 1000,
+                 id="row order does not matter"),
+    pytest.param([TCP_HEADER + OWNER_ROW, TCP6_HEADER + MAPPED_ROW], ("127.0.0.3", 40000), ("127.0.0.1", 8081),
+                 1002, id="a dual-stack client's v4-mapped row in tcp6"),
+    pytest.param([TCP_HEADER, TCP6_HEADER + V6_ROW], ("::1", 40000), ("::1", 8081), 1003, id="IPv6 loopback"),
+    pytest.param([TCP_HEADER + OWNER_ROW], ("127.0.0.2", 40000), ("127.0.0.1", 8080), None,
+                 id="no row with both pairs is unknown"),
+    pytest.param([TCP_HEADER + OWNER_ROW + tcp_row("0100007F:9C40", "0100007F:1F90", uid=1001)], ("127.0.0.1", 40000),
+                 ("127.0.0.1", 8080), None, id="two matching rows are ambiguous"),
+    pytest.param([TCP_HEADER + tcp_row("0100007F:9C40", "0100007F:1F90", uid=0, state="06")],
+                 ("127.0.0.1", 40000), ("127.0.0.1", 8080), None, id="a TIME_WAIT leftover owns nothing"),
+    pytest.param([TCP_HEADER + "garbage\n   1: XYZ:1 0100007F:1F90 01 0 0 0 7\n" + OWNER_ROW],
+                 ("127.0.0.1", 40000), ("127.0.0.1", 8080), 1000, id="unreadable rows are skipped"),
+])
+def test_the_peer_owner_is_the_one_row_matching_both_address_port_pairs(
+    tables: list[str], client: tuple[str, int], server: tuple[str, int], owner: int | None
+) -> None:
+    assert owner_of_connection(tables, client=client, server=server) == owner
+
+
+def test_the_tcp_table_parser_decodes_ipv4_ipv6_and_mapped_addresses() -> None:
+    rows = parse_tcp_table(TCP6_HEADER + MAPPED_ROW + V6_ROW, byteorder="little")
+    assert [(row.local, row.remote, row.uid) for row in rows] == [
+        (("127.0.0.3", 40000), ("127.0.0.1", 8081), 1002), (("::1", 40000), ("::1", 8081), 1003)]
+    big_endian = tcp_row("7F000001:9C40", "7F000001:1F90", uid=7)
+    assert parse_tcp_table(TCP_HEADER + big_endian, byteorder="big")[0].local == ("127.0.0.1", 40000)
+
+
+ATTACK_TRIES = 20
+
+# Runs as the second user: bind 127.0.0.2..21 (every other try through a dual-stack IPv6 socket,
+# whose row is in /proc/net/tcp6) with the owner's client port, connect to the iopub port, and see
+# whether the launcher lets the connection through (any byte: the kernel's ZMTP greeting; or the
+# connection stays open) or closes it at once.
+ATTACK = """
+import json, socket, sys
+iopub, owner_port, tries = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+verdicts = []
+for attempt in range(tries):
+    host, v6 = f"127.0.0.{2 + attempt}", attempt % 2 == 1
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((f"::ffff:{host}" if v6 else host, owner_port))
+    sock.connect(("::ffff:127.0.0.1" if v6 else "127.0.0.1", iopub))
+    sock.settimeout(2.0)
+    try:
+        verdict = f"accepted: read {len(data)} bytes" if (data := sock.recv(64)) else "closed"
+    except TimeoutError:
+        verdict = "accepted: still connected after 2 s"
+    except ConnectionResetError:
+        verdict = "closed"
+    verdicts.append([host, "tcp6" if v6 else "tcp", verdict])
+    sock.close()
+print(json.dumps(verdicts))
+"""
+
+
+def _attack_as(user: OSUser, iopub: int, owner_port: int) -> list[list[str]]:
+    code = ATTACK.replace("sys.argv[1]", str(iopub)).replace("sys.argv[2]", str(owner_port))
+    result = run_python_as(user, code.replace("sys.argv[3]", str(ATTACK_TRIES)), timeout=90)
+    assert result.returncode == 0, result.stderr
+    verdicts: list[list[str]] = json.loads(result.stdout)
+    return verdicts
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_another_user_binding_the_owners_client_port_on_another_loopback_address_is_refused(
+    tmp_path: Path, sshd: SSHServer, remote_python: Path, os_user: OSUser
+) -> None:
+    """The attack of issue 16 item 1: the owner reads iopub from 127.0.0.1:Q; another user binds
+    127.0.0.X:Q (X = 2..21) and connects to the iopub port. A port-only match found the owner's
+    row and let it read every output (7 of 20 tries in the report; every tcp6 try here)."""
+    with running_kernel(tmp_path, sshd, remote_python) as kernel:
+        kernel.client.execute(print_forever(f"SECRET-{secrets.token_hex(8)}"))
+        iopub = json.loads(kernel.connection_file.read_text())["iopub_port"]
+        with socket.create_connection(("127.0.0.1", iopub), timeout=5) as owner:
+            owner_port = owner.getsockname()[1]
+            assert _read_for(owner, 2.0), "the owner's own connection must be served (the probe works)"
+            verdicts = _attack_as(os_user, iopub, owner_port)
+            assert _still_open(owner), "the owner stays connected"
+        assert pid_alive(kernel.facts.pid)
+    accepted = [verdict for verdict in verdicts if verdict[2] != "closed"]
+    assert (len(verdicts), accepted) == (ATTACK_TRIES, []), f"{len(accepted)} of {len(verdicts)} tries got in"
+    refusals = re.findall(rf"refused a connection to the kernel from uid {os_user.uid}\b", kernel.launcher.stderr)
+    assert len(refusals) == ATTACK_TRIES, kernel.launcher.stderr[-3000:]
