@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import getpass
+import glob
 import hashlib
 import hmac
 import importlib
@@ -24,13 +25,16 @@ import logging
 import os
 import re
 import shlex
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 import types
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -142,6 +146,7 @@ class ResolvedHost:
     jumps: tuple[ResolvedHost, ...] = ()
     host_key_alias: str | None = None  # ssh_config HostKeyAlias: the known_hosts name to use
     identities_only: bool = False  # ssh_config IdentitiesOnly: no other agent keys
+    proxy_command: str | None = None  # ssh_config ProxyCommand, tokens expanded; never with jumps
 
     @property
     def address(self) -> str:
@@ -165,7 +170,10 @@ class ResolvedHost:
     def describe(self) -> str:
         """``alice@lab.example.org:22 via bastion`` (for -v logs)."""
         text = f"{self.user}@{self.address}"
-        via = [hop.alias for hop in hop_chain(self)[:-1]]
+        chain = hop_chain(self)
+        via = [hop.alias for hop in chain[:-1]]
+        if chain[0].proxy_command:
+            via.insert(0, f"ProxyCommand {chain[0].proxy_command!r}")
         return f"{text} via {' -> '.join(via)}" if via else text
 
 
@@ -182,7 +190,9 @@ def hop_chain(host: ResolvedHost) -> tuple[ResolvedHost, ...]:
 
 
 class _SSHConfig:
-    """~/.ssh/config through paramiko.SSHConfig; problems become ConfigError naming the file."""
+    """~/.ssh/config through paramiko.SSHConfig; problems become ConfigError naming the file.
+
+    paramiko knows no ``Include``: the file is first flattened into one text (flatten_ssh_config)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -190,10 +200,14 @@ class _SSHConfig:
         if not path.is_file():
             return
         try:
-            if "exec" in path.read_text(errors="replace").lower():
+            text = flatten_ssh_config(path)
+        except OSError as exc:
+            raise self.problem(f"cannot read: {exc.strerror or exc}") from exc
+        try:
+            if "exec" in text.lower():
                 _enable_match_exec()
-            self._config = paramiko.SSHConfig.from_path(str(path))
-        except (OSError, ValueError, paramiko.SSHException) as exc:
+            self._config = paramiko.SSHConfig.from_text(text)
+        except (ValueError, paramiko.SSHException) as exc:
             raise self.problem(f"cannot parse: {exc}") from exc
 
     def lookup(self, name: str) -> dict[str, Any]:
@@ -206,6 +220,109 @@ class _SSHConfig:
         return ConfigError([ConfigProblem(path=str(self.path), key=key, message=message)])
 
 
+# -- ~/.ssh/config Include ---------------------------------------------------------------------
+
+INCLUDE_MAX_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH
+_CONFIG_LINE = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # paramiko's SETTINGS_REGEX
+# Written after each ProxyJump/ProxyCommand line of the flattened text. paramiko keeps the first
+# value of each keyword but not which of the two came first, and OpenSSH uses whichever did; an
+# unknown keyword is neither tokenized nor unquoted, so it also keeps the raw ProxyCommand.
+_FIRST_PROXY = "XRemoteKernelFirstProxy"
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Which hosts the lines being read apply to: all ``criteria`` hold (Match criteria, ``()``:
+    every host). ``header`` (re)opens the block in the flattened text."""
+
+    criteria: tuple[str, ...] = ()
+    header: str = "Host *"
+
+
+def flatten_ssh_config(path: Path) -> str:
+    """The ssh_config at ``path`` as one text without ``Include``, read as OpenSSH reads it.
+
+    An Include is replaced by the files it names (globs, sorted; relative to ~/.ssh; a pattern
+    matching nothing is ignored; at most 16 deep). Included lines belong to the block of the
+    Include line until the included file's own Host/Match line; such a block applies only where
+    the including block does too (OpenSSH: SSHCONF_NEVERMATCH), so it becomes a ``Match`` with
+    both blocks' criteria; after the file, the including block is reopened (OpenSSH restores its
+    state, a reopened ``Match`` is evaluated again)."""
+    out: list[str] = []
+    _flatten_file(path, _Block(), 0, out)
+    return "".join(f"{line}\n" for line in out)
+
+
+def _flatten_file(path: Path, outer: _Block, depth: int, out: list[str]) -> bool:
+    """Append ``path``'s lines to ``out``; True when it opened a block of its own."""
+    block = outer
+    for number, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parsed = _CONFIG_LINE.fullmatch(line)
+        if parsed is None:
+            raise _line_problem(path, number, "", f"cannot parse {line!r}: expected 'Keyword value'")
+        key, value = parsed[1].lower(), parsed[2]
+        if key in ("host", "match"):
+            block = _open_block(outer, key, value, line, (path, number))
+            out.append(block.header)
+        elif key == "include":
+            _include(value, block, depth, out, (path, number))
+        else:
+            out.append(line)
+            if key in ("proxyjump", "proxycommand"):
+                out.append(f"{_FIRST_PROXY} {key} {value}")
+    return block is not outer
+
+
+def _open_block(outer: _Block, key: str, value: str, line: str, where: tuple[Path, int]) -> _Block:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise _line_problem(*where, key.capitalize(), f"cannot parse {value!r}: {exc}") from exc
+    # ``Host a b`` is ``Match originalhost a,b`` (paramiko and OpenSSH match both on the name
+    # as given); "all" is true, and paramiko refuses it next to other criteria.
+    own = ("originalhost", ",".join(words)) if key == "host" else tuple(w for w in words if w.lower() != "all")
+    if not outer.criteria:
+        return _Block(own, line)
+    criteria = outer.criteria + own
+    return _Block(criteria, "Match " + " ".join(map(shlex.quote, criteria)))
+
+
+def _include(value: str, block: _Block, depth: int, out: list[str], where: tuple[Path, int]) -> None:
+    if depth >= INCLUDE_MAX_DEPTH:
+        raise _line_problem(*where, "Include", f"Include nested more than {INCLUDE_MAX_DEPTH} files deep"
+                            " (does a file include itself?)")
+    try:
+        patterns = shlex.split(value)
+    except ValueError as exc:
+        raise _line_problem(*where, "Include", f"cannot parse {value!r}: {exc}") from exc
+    for included in (path for pattern in patterns for path in _include_matches(pattern)):
+        try:
+            opened_a_block = _flatten_file(included, block, depth + 1, out)
+        except FileNotFoundError:
+            continue  # gone since the glob: OpenSSH ignores it too
+        except OSError as exc:
+            raise _line_problem(*where, "Include", f"cannot read included file {included}: {exc.strerror}",
+                                ) from exc
+        if opened_a_block:
+            out.append(block.header)
+
+
+def _include_matches(pattern: str) -> list[Path]:
+    """The files an Include pattern names, sorted like glob(3); relative means under ~/.ssh."""
+    expanded = os.path.expandvars(os.path.expanduser(pattern))
+    if not os.path.isabs(expanded):
+        expanded = str(Path("~/.ssh").expanduser() / expanded)
+    # a directory reads as an empty file in OpenSSH
+    return [Path(match) for match in sorted(glob.glob(expanded)) if not os.path.isdir(match)]
+
+
+def _line_problem(path: Path, line: int, key: str, message: str) -> ConfigError:
+    return ConfigError([ConfigProblem(path=str(path), key=key, message=message, line=line)])
+
+
 def resolve_host(host: HostEntry, *, ssh_config_path: Path | None = None) -> ResolvedHost:
     """Explicit HostEntry fields win, then ~/.ssh/config, then ssh's defaults."""
     config = _SSHConfig(ssh_config_path or Path(DEFAULT_SSH_CONFIG).expanduser())
@@ -216,6 +333,31 @@ def _resolve(host: HostEntry, config: _SSHConfig, seen: tuple[str, ...]) -> Reso
     lookup_name = host.hostname or host.name
     # same name on another explicit port is another host (two sshds on one machine)
     identity = f"{lookup_name}:{host.port}" if host.port else lookup_name
+    _check_resolvable(host, config, seen, identity)
+    options = config.lookup(lookup_name)
+    resolved = ResolvedHost(
+        alias=host.name,
+        hostname=str(options.get("hostname") or lookup_name),
+        port=host.port or _config_port(options, config),
+        user=host.user or str(options.get("user") or getpass.getuser()),
+        identity_files=_identity_files(host, options),
+        known_hosts=_known_hosts_files(host, options),
+        host_key_policy=host.host_key_policy,
+        keepalive=host.keepalive,
+        host_key_alias=options.get("hostkeyalias"),
+        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
+    )
+    # OpenSSH uses whichever of ProxyJump and ProxyCommand it reads first ("none" included);
+    # an explicit proxy_jump comes before ~/.ssh/config.
+    first = "proxyjump" if host.proxy_jump else _first_proxy(options)
+    if first == "proxycommand":
+        return replace(resolved, proxy_command=_proxy_command(options, config, resolved, lookup_name))
+    if first == "proxyjump":
+        return replace(resolved, jumps=_resolve_jumps(host, options, config, (*seen, identity)))
+    return resolved
+
+
+def _check_resolvable(host: HostEntry, config: _SSHConfig, seen: tuple[str, ...], identity: str) -> None:
     if identity in seen or len(seen) > MAX_JUMPS:
         chain = " -> ".join([*seen, identity])
         raise SSHError(
@@ -229,22 +371,38 @@ def _resolve(host: HostEntry, config: _SSHConfig, seen: tuple[str, ...]) -> Reso
             host=host.label,
             hint=f"use one of: {', '.join(HOST_KEY_POLICIES)}",
         )
-    options = config.lookup(lookup_name)
-    if options.get("proxycommand", "none").lower() != "none":
-        log.warning("%s: ProxyCommand in %s is not supported (use ProxyJump)", lookup_name, config.path)
-    return ResolvedHost(
-        alias=host.name,
-        hostname=str(options.get("hostname") or lookup_name),
-        port=host.port or _config_port(options, config),
-        user=host.user or str(options.get("user") or getpass.getuser()),
-        identity_files=_identity_files(host, options),
-        known_hosts=_known_hosts_files(host, options),
-        host_key_policy=host.host_key_policy,
-        keepalive=host.keepalive,
-        jumps=_resolve_jumps(host, options, config, (*seen, identity)),
-        host_key_alias=options.get("hostkeyalias"),
-        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
-    )
+
+
+def _first_proxy(options: dict[str, Any]) -> str:
+    """"proxyjump", "proxycommand" or "" (neither is set), from the flattened config's marker."""
+    return str(options.get(_FIRST_PROXY.lower(), "")).partition(" ")[0]
+
+
+def _proxy_command(options: dict[str, Any], config: _SSHConfig, host: ResolvedHost, lookup_name: str) -> str | None:
+    """The ProxyCommand to run for ``host`` with its tokens expanded (None for "none"). The raw
+    text comes from the marker: paramiko expands only some tokens, not %%, before the explicit
+    hostname/port/user of a [hosts] table are known."""
+    raw = str(options[_FIRST_PROXY.lower()]).partition(" ")[2].strip()
+    if raw.lower() == "none":
+        return None
+    if raw == "-" or str(options.get("proxyusefdpass", "no")).lower() == "yes":
+        raise config.problem(
+            f"ProxyCommand {raw!r} for {lookup_name} uses stdin/stdout or ProxyUseFdpass, which remote-kernel"
+            " cannot; give a command that relays the connection on its stdin/stdout, or use ProxyJump",
+            key="ProxyCommand",
+        )
+    tokens = {"%": "%", "h": host.hostname, "k": host.host_key_alias or lookup_name, "n": lookup_name,
+              "p": str(host.port), "r": host.user}
+
+    def expand(match: re.Match[str]) -> str:
+        if match[1] in tokens:
+            return tokens[match[1]]
+        raise config.problem(
+            f"unknown token %{match[1]} in ProxyCommand {raw!r}; it accepts %%, %h, %k, %n, %p and %r",
+            key="ProxyCommand",
+        )
+
+    return re.sub(r"%(.?)", expand, raw, flags=re.DOTALL)
 
 
 def _config_port(options: dict[str, Any], config: _SSHConfig) -> int:
@@ -455,9 +613,11 @@ def _unknown_key_error(hop: ResolvedHost, key_type: str, blob: bytes, via: str) 
     quoted = shlex.quote(target)
     port = f"-p {hop.port} " if hop.port != DEFAULT_PORT else ""
     commands = []
-    if not via and not hop.host_key_alias:  # ssh-keyscan can reach neither case
+    if not via and not hop.host_key_alias and not hop.proxy_command:  # ssh-keyscan reaches none of these
         commands.append(f"ssh-keyscan {port}{hop.hostname} >> {quoted}")
     options = f"-J {shlex.quote(via)} " if via else ""
+    if hop.proxy_command and not via:
+        options += f"-o ProxyCommand={shlex.quote(hop.proxy_command)} "
     if hop.host_key_alias:
         options += f"-o HostKeyAlias={shlex.quote(hop.host_key_alias)} "
     commands.append(f"ssh {options}-o UserKnownHostsFile={quoted} {port}{hop.user}@{hop.hostname}")
@@ -643,7 +803,7 @@ def _authenticate_or_explain(transport: paramiko.Transport, hop: ResolvedHost) -
         _authenticate(transport, hop)
     except (paramiko.SSHException, OSError, EOFError) as exc:
         raise SSHError(
-            f"the connection to {hop.address} broke during authentication: {exc or type(exc).__name__}",
+            f"the connection to {hop.address} broke during authentication: {_in_words(exc)}",
             host=hop.label,
             hint="see the server's log (MaxAuthTries, LoginGraceTime, AllowUsers)",
         ) from exc
@@ -702,6 +862,31 @@ def _auth_error(hop: ResolvedHost, report: _AuthReport, allowed: list[str]) -> S
 
 # -- connecting --------------------------------------------------------------------------------
 
+# What paramiko says when the transport is already gone ("No existing session" is its jargon for
+# "this connection has closed"); EOFError says nothing at all.
+_CLOSED_CONNECTION = ("No existing session", "SSH session not active", "Socket is closed", "Channel closed.")
+_PARAMIKO_WORDS = {
+    "Unable to open channel.": "the server refused to open a channel",
+    "Timeout opening channel.": "the server did not answer a request to open a channel in time",
+}
+
+
+class _HandshakeError(SSHError):
+    """The SSH handshake failed: through a ProxyCommand, most likely the command's fault."""
+
+
+def _connection_closed(exc: BaseException) -> bool:
+    return isinstance(exc, EOFError) or str(exc) in _CLOSED_CONNECTION
+
+
+def _in_words(exc: BaseException) -> str:
+    """A paramiko or socket exception as a user would say it."""
+    if _connection_closed(exc):
+        return "the connection was closed"
+    text = str(exc)
+    return _PARAMIKO_WORDS.get(text, text or type(exc).__name__)
+
+
 
 def _connect_error(hop: ResolvedHost, exc: BaseException, timeout: float) -> SSHError:
     if isinstance(exc, socket.gaierror):
@@ -739,7 +924,7 @@ def _open_socket(hop: ResolvedHost, via: tuple[ResolvedHost, paramiko.Transport]
     try:
         return transport.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=timeout)
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        reason = getattr(exc, "text", "") or str(exc) or type(exc).__name__
+        reason = getattr(exc, "text", "") or _in_words(exc)
         raise SSHError(
             f"jump host {jump.label} could not open a connection to {hop.address}: {reason}",
             host=hop.label,
@@ -786,15 +971,16 @@ def _handshake(transport: paramiko.Transport, hop: ResolvedHost, timeout: float)
         return transport.get_remote_server_key()
     except (paramiko.SSHException, OSError, EOFError) as exc:
         reason = transport.get_exception() or exc
-        raise SSHError(
-            f"SSH handshake with {hop.address} failed within {timeout:g} s: {reason or type(reason).__name__}",
+        raise _HandshakeError(
+            f"SSH handshake with {hop.address} failed within {timeout:g} s: {_in_words(reason)}",
             host=hop.label,
             hint=f"is {hop.address} an SSH server? Check the port, and the server's log",
         ) from exc
 
 
 def connect(host: HostEntry | ResolvedHost, *, timeout: float = 15.0) -> SSHConnection:
-    """Open one authenticated SSH connection (through every ProxyJump hop, each verified)."""
+    """Open one authenticated SSH connection (through every ProxyJump hop or the ProxyCommand,
+    each hop verified)."""
     resolved = host if isinstance(host, ResolvedHost) else resolve_host(host)
     hops = hop_chain(resolved)
     log.info(
@@ -805,28 +991,151 @@ def connect(host: HostEntry | ResolvedHost, *, timeout: float = 15.0) -> SSHConn
         ", ".join(resolved.known_hosts) or "none",
     )
     transports: list[paramiko.Transport] = []
+    proxies: list[_ProxyProcess] = []
     try:
         for index, hop in enumerate(hops):
             via = (hops[index - 1], transports[-1]) if transports else None
-            started = time.monotonic()
-            sock = _open_socket(hop, via, timeout)
-            log.debug("%s: TCP/channel open in %.0f ms", hop.address, (time.monotonic() - started) * 1000)
-            jump_spec = ",".join(f"{h.user}@{h.address}" for h in hops[:index])
-            transports.append(_start_transport(hop, sock, jump_spec, timeout))
+            transports.append(_connect_hop(hop, via, hops[:index], proxies, timeout))
     except BaseException:
         for transport in reversed(transports):
             transport.close()
+        for proxy in proxies:
+            proxy.stop()
         raise
-    return SSHConnection(resolved, transports, timeout=timeout)
+    return SSHConnection(resolved, transports, timeout=timeout, proxies=proxies)
+
+
+def _connect_hop(
+    hop: ResolvedHost,
+    via: tuple[ResolvedHost, paramiko.Transport] | None,
+    before: Sequence[ResolvedHost],
+    proxies: list[_ProxyProcess],
+    timeout: float,
+) -> paramiko.Transport:
+    """One authenticated transport to ``hop``: through ``via``, its ProxyCommand (only the first
+    hop of a chain has one: later hops are reached through the chain, as with ``ssh -J``), or
+    direct."""
+    started = time.monotonic()
+    proxy = _ProxyProcess.start(hop) if via is None and hop.proxy_command else None
+    if proxy is not None:
+        proxies.append(proxy)
+    sock = proxy.socket if proxy is not None else _open_socket(hop, via, timeout)
+    log.debug("%s: TCP/channel open in %.0f ms", hop.address, (time.monotonic() - started) * 1000)
+    jump_spec = ",".join(f"{h.user}@{h.address}" for h in before)
+    try:
+        return _start_transport(hop, sock, jump_spec, timeout)
+    except SSHError as exc:
+        if proxy is not None and proxy.is_to_blame(exc):
+            raise proxy.failure(hop, exc) from exc
+        raise
+
+
+class _ProxyProcess:
+    """A running ProxyCommand, started as OpenSSH starts one (``$SHELL -c "exec COMMAND"``) but
+    in a session of its own: Jupyter interrupts a kernel by signalling the launcher's whole
+    process group, which must not cut the connection. Its stdin and stdout are the far end of a
+    socketpair, so paramiko gets a real socket; the tail of its stderr goes into error messages."""
+
+    STDERR_LINES = 20
+
+    def __init__(self, command: str, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.command = command
+        self.process = process
+        self.socket = sock
+        self._stderr: deque[str] = deque(maxlen=self.STDERR_LINES)
+        self._reader = threading.Thread(target=self._read_stderr, name="proxycommand-stderr", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, hop: ResolvedHost) -> _ProxyProcess:
+        command = hop.proxy_command or ""
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [shell, "-c", f"exec {command}"],
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SSHError(
+                f"cannot start the ProxyCommand for {hop.label} with {shell}: {exc.strerror or exc}",
+                host=hop.label,
+                hint="check $SHELL and ProxyCommand in ~/.ssh/config",
+            ) from exc
+        finally:
+            theirs.close()
+        log.debug("%s: ProxyCommand %r runs as pid %d", hop.label, command, process.pid)
+        return cls(command, process, ours)
+
+    def _read_stderr(self) -> None:
+        if self.process.stderr is None:
+            return
+        for raw in iter(self.process.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._stderr.append(line)
+                log.debug("ProxyCommand: %s", line)
+
+    def is_to_blame(self, exc: SSHError) -> bool:
+        """Did ``exc`` (connecting through the proxy) come from the proxy rather than the server?"""
+        if isinstance(exc, HostKeyError):
+            return False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=0.5)  # it may be exiting right now
+        return isinstance(exc, _HandshakeError) or self.process.poll() is not None
+
+    def failure(self, hop: ResolvedHost, cause: SSHError) -> SSHError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1.0)
+        self._reader.join(timeout=1.0)  # its last words
+        status = self.process.poll()
+        if status is not None and status >= 0:
+            what = f"exited (status {status}) before the SSH connection was set up"
+        else:  # still running, or killed by our closing its socket (SIGPIPE)
+            what = f"did not lead to an SSH server ({cause.message})"
+        lines = [f"the ProxyCommand for {hop.label} {what}: {self.command}"]
+        if self._stderr:
+            lines += ["  its stderr:", *(f"    {line}" for line in self._stderr)]
+        return SSHError(
+            "\n".join(lines),
+            host=hop.label,
+            hint="run the command by hand to see what it does, then fix ProxyCommand in ~/.ssh/config",
+        )
+
+    def stop(self) -> None:
+        """SIGHUP (what ssh sends its ProxyCommand when it exits), SIGKILL if it lingers."""
+        self.socket.close()
+        for sig in (signal.SIGHUP, signal.SIGKILL):
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, sig)  # its own session: a pipeline goes too
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=2.0)
+        self._reader.join(timeout=1.0)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 class SSHConnection:
     """One authenticated SSH transport to ``host`` (and the transports of its jump hosts)."""
 
-    def __init__(self, host: ResolvedHost, transports: list[paramiko.Transport], *, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        host: ResolvedHost,
+        transports: list[paramiko.Transport],
+        *,
+        timeout: float = 15.0,
+        proxies: Sequence[_ProxyProcess] = (),
+    ) -> None:
         self.host = host
         self._transports = transports
         self._timeout = timeout
+        self._proxies = list(proxies)
 
     def open_exec(self, command: str) -> ExecChannel:
         """A session channel running ``command`` (through the user's login shell, as ssh does)."""
@@ -837,11 +1146,7 @@ class SSHConnection:
             tap = _StdoutTap.install(channel)  # before exec: no byte of output can miss it
             channel.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise SSHError(
-                f"cannot run a command on {self.host.label}: {exc or type(exc).__name__}",
-                host=self.host.label,
-                hint="the connection may have dropped, or the server limits sessions (MaxSessions)",
-            ) from exc
+            raise self._exec_error(exc) from exc
         log.debug(
             "exec channel on %s open in %.0f ms",
             self.host.address,
@@ -849,12 +1154,45 @@ class SSHConnection:
         )
         return ExecChannel(channel, self.host.label, tap)
 
+    def _exec_error(self, exc: BaseException) -> SSHError:
+        if _connection_closed(exc) or not self._transports[-1].is_active():
+            return SSHError(
+                f"cannot run a command on {self.host.label}: the SSH connection closed before the command could start",
+                host=self.host.label,
+                hint="the network dropped or the server ended the connection; try again",
+            )
+        return SSHError(
+            f"cannot run a command on {self.host.label}: {_in_words(exc)}",
+            host=self.host.label,
+            hint="the connection may have dropped, or the server limits sessions (MaxSessions)",
+        )
+
     def is_active(self) -> bool:
         return all(transport.is_active() for transport in self._transports)
+
+    def probe(self) -> threading.Event:
+        """Ask the server for a reply (``keepalive@openssh.com``, like ServerAliveInterval) and
+        return an event set when it answers. paramiko's own keepalive wants no reply, so it cannot
+        tell a silent link (a blackhole, a sleeping NAT) from an idle one. The request blocks until
+        the reply or the transport's end, so it runs on a daemon thread: closing the connection
+        ends it."""
+        answered = threading.Event()
+        transport = self._transports[-1]
+
+        def ask() -> None:
+            with contextlib.suppress(Exception):
+                transport.global_request("keepalive@openssh.com", wait=True)  # a failure reply counts
+                if transport.is_active():
+                    answered.set()
+
+        threading.Thread(target=ask, name="rk-ssh-probe", daemon=True).start()
+        return answered
 
     def close(self) -> None:
         for transport in reversed(self._transports):
             transport.close()
+        for proxy in self._proxies:
+            proxy.stop()
 
     def __enter__(self) -> SSHConnection:
         return self
@@ -1019,4 +1357,4 @@ class ExecChannel:
         try:
             return call()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise self._gone(str(exc) or type(exc).__name__) from exc
+            raise self._gone(_in_words(exc)) from exc
