@@ -155,6 +155,23 @@ def test_a_dropped_connection_wakes_a_select_and_reads_eof(sshd_factory: SSHDFac
         assert channel.recv(10) == b""
 
 
+def test_a_command_on_a_closed_connection_is_explained_in_words_not_paramiko_jargon(
+    sshd_factory: SSHDFactory,
+) -> None:
+    server = sshd_factory()
+    with ssh.connect(server.host_entry()) as connection:
+        for pid in server.session_pids():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while connection.is_active() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(SSHError) as caught:
+            connection.open_exec("echo never")
+    text = str(caught.value)
+    assert text.startswith(f"cannot run a command on {connection.host.label}: the SSH connection closed before")
+    assert "No existing session" not in text and "not active" not in text
+
+
 # -- host keys -------------------------------------------------------------------------------
 
 
