@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -147,14 +146,12 @@ def is_on_jupyter_path(kernels_dir: Path) -> bool:
 
 
 def find_logo_files() -> dict[str, Path]:
-    """ipykernel's logos, located without importing ipykernel (that costs ~0.3 s)."""
-    try:
-        spec = importlib.util.find_spec("ipykernel")
-    except (ImportError, ValueError):
-        return {}
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    resources = Path(next(iter(spec.submodule_search_locations))) / "resources"
+    """The kernelspec logos shipped as package data (copies of ipykernel's, BSD-3-Clause).
+
+    Not taken from ipykernel itself: the local side needs no ipykernel, so a plain
+    `pip install .` wrote specs without logos (issue 12, item 9).
+    """
+    resources = Path(__file__).resolve().parent / "resources"
     return {name: resources / name for name in LOGO_FILES if (resources / name).is_file()}
 
 
