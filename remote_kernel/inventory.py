@@ -41,7 +41,14 @@ def targets_from_entries(entries: list[KernelEntry], hosts: list[HostEntry], onl
         found.setdefault(host.label, HostTarget(host, DEFAULT_PYTHON))
     selected = [t for t in found.values() if only is None or only in (t.host.name, t.host.label, t.host.hostname)]
     if only is not None and not selected:
-        raise RemoteKernelError(f"no host {only!r} in the config", hint="use a [hosts] name or a kernel's host")
+        from remote_kernel.errors import UsageError
+        from remote_kernel.suggest import did_you_mean
+
+        names = {name for t in found.values() for name in (t.host.name, t.host.hostname) if name}
+        guess = did_you_mean(only, names)
+        raise UsageError(f"no host {only!r} in the config{'; ' + guess if guess else ''} "
+                         f"(known: {', '.join(sorted(names)) or 'none'})",
+                         hint="use a [hosts] name or a kernel's host")
     return selected
 
 

@@ -284,3 +284,12 @@ def test_list_with_a_missing_file_named_by_the_environment_is_still_an_error(
     monkeypatch.setenv("REMOTE_KERNEL_CONFIG", str(tmp_path / "gone.toml"))
     assert cli.main(["list"]) == 2
     assert "named by $REMOTE_KERNEL_CONFIG does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ps", "gc"])
+def test_ps_and_gc_with_a_mistyped_host_exit_2_and_suggest_the_close_one(
+        good: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    assert cli.main([command, "--host", "lba", "--config", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "no host 'lba' in the config; did you mean 'lab'?" in err
+    assert "Traceback" not in err
