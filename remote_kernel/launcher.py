@@ -29,7 +29,7 @@ from typing import Any
 
 from remote_kernel import bootstrap, connection
 from remote_kernel.entry import KernelEntry
-from remote_kernel.errors import EXIT_OK, LaunchError, RemoteKernelError
+from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
 from remote_kernel.tunnel import Event, Tunnel
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,8 @@ class Launcher:
         try:
             log.info("reconnect attempt %d to %s", state.attempt, self.entry.host.label)
             self._attach_remote()
+        except HostKeyError as exc:
+            raise _host_key_refused(exc, self.entry) from exc
         except RemoteKernelError as exc:
             delay = _backoff(state.attempt)
             state.next_attempt = time.monotonic() + delay
@@ -416,6 +418,17 @@ class Launcher:
         if self.created_connection_file and self.connection_path is not None:
             with contextlib.suppress(OSError):
                 self.connection_path.unlink()
+
+
+def _host_key_refused(exc: HostKeyError, entry: KernelEntry) -> HostKeyError:
+    """A changed or unknown host key does not heal by retrying (issue 16): stop at once instead of
+    hanging the notebook for reconnect_grace, and leave the remote kernel alone."""
+    return HostKeyError(
+        f"{exc.message}\n  This was found while reconnecting, so the launcher stops instead of retrying. The"
+        f" remote kernel was not stopped: its agent keeps it for reconnect_grace={entry.reconnect_grace:g} s",
+        host=exc.host,
+        hint=exc.hint,
+    )
 
 
 def _backoff(attempt: int) -> float:
