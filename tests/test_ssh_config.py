@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IsolatedEnv, SSHDFactory
-from sshd import SSHServer, process_gone
+from sshd import SSHServer, children_of, process_gone
 
 from remote_kernel import ssh
 from remote_kernel.entry import HostEntry
@@ -264,3 +264,40 @@ def test_a_proxy_command_remote_kernel_cannot_run_is_a_config_error(
     with pytest.raises(ConfigError, match=problem) as caught:
         ssh.resolve_host(HostEntry(name="lab"))
     assert str(config) in str(caught.value)
+
+
+# -- a kernel through both ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_kernel_on_an_included_host_behind_a_proxy_command_runs_and_survives_an_interrupt(
+    sshd: SSHServer, isolated_env: IsolatedEnv, remote_python: Path
+) -> None:
+    """The whole path: ~/.ssh/config includes the host, whose ProxyCommand carries the kernel's
+    traffic; Jupyter's interrupt signals the launcher's process group, and the ProxyCommand (in a
+    session of its own) must not die of it."""
+    from launch_helpers import collect, execute, kernel_entry, started_kernel, wait_for_stream, write_spec
+
+    known_hosts = _write(isolated_env.ssh_dir / "known_hosts", sshd.known_hosts_line(f"[lab.invalid]:{sshd.port}"))
+    block = (
+        sshd.ssh_config_block("lab")
+        .replace("HostName 127.0.0.1", "HostName lab.invalid")  # reachable only through the proxy
+        .replace(str(sshd.known_hosts), str(known_hosts))
+    )
+    _write(isolated_env.ssh_dir / "config", "Include config.d/*.conf\n")
+    _write(isolated_env.ssh_dir / "config.d" / "lab.conf", block + "    ProxyCommand nc 127.0.0.1 %p\n")
+    write_spec(kernel_entry(sshd, remote_python, "proxied", host=HostEntry(name="lab")))
+    with started_kernel("proxied") as (km, kc):
+        (proxy_pid,) = [pid for pid in children_of(km.provisioner.process.pid) if _command_of(pid)[0] == "nc"]
+        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        wait_for_stream(kc, msg_id)
+        km.interrupt_kernel()
+        assert collect(kc, msg_id, timeout=10).ename == "KeyboardInterrupt"
+        assert km.is_alive(), "the launcher died of the interrupt"
+        assert execute(kc, "1+1").result == "2"
+        assert not process_gone(proxy_pid), "the interrupt killed the ProxyCommand (the launcher had to reconnect)"
+
+
+def _command_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
