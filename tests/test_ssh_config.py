@@ -88,6 +88,18 @@ def test_an_include_inside_a_host_block_applies_only_to_that_block(
         sshd.known_hosts.write_text(sshd.known_hosts_line())
 
 
+def test_an_include_inside_a_match_block_applies_where_the_match_does(isolated_env: IsolatedEnv) -> None:
+    _write(
+        isolated_env.ssh_dir / "config",
+        "Host lab\n    HostName 127.0.0.1\nMatch host 127.0.0.1\n    Include local.conf\n",
+    )
+    _write(isolated_env.ssh_dir / "local.conf", "Port 2222\nHost lab*\n    User bob\n")
+    lab = ssh.resolve_host(HostEntry(name="lab"))
+    assert (lab.port, lab.user) == (2222, "bob")
+    lab2 = ssh.resolve_host(HostEntry(name="lab2", hostname="lab2.example.org"))
+    assert lab2.port == 22 and lab2.user != "bob"
+
+
 def test_the_first_value_wins_across_included_files(sshd: SSHServer, isolated_env: IsolatedEnv) -> None:
     _write(isolated_env.ssh_dir / "config", "Include config.d/*\nHost *\n    Port 1\n    User nobody\n")
     _write(isolated_env.ssh_dir / "config.d" / "a.conf", sshd.ssh_config_block("lab"))
