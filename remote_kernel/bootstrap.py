@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 import marshal
+import math
 import shlex
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +89,68 @@ def shell_word(value: str) -> str:
     return shlex.quote(value)
 
 
-def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = True) -> str:
-    """The exec request sent to sshd (run by the user's login shell, like `ssh host cmd`)."""
+@dataclass(frozen=True)
+class RemoteCommand:
+    """What starts the agent: ``exec`` is the SSH exec request, ``script`` the POSIX sh script
+    it reads first from stdin (before the agent payload)."""
+
+    exec: str
+    script: bytes
+
+
+# The exec request is run by the user's login shell, which may be sh, bash, zsh, dash, ksh, tcsh,
+# csh or fish. It holds nothing but a dispatcher whose syntax all of them accept: csh-family
+# shells (which define $shell) and fish (which defines $FISH_VERSION) exec /bin/sh; POSIX shells
+# run the script themselves, so a bash or zsh login keeps what its rc files set up for `setup`
+# (`module`, `conda`, exported bash functions that /bin/sh = dash would drop). The script itself
+# arrives on stdin, read byte-exact by dd (a shell reading a script from a pipe reads ahead and
+# would swallow the agent payload that follows it); csh stops at the first line that execs, and
+# fish parses the POSIX line only as plain words (backticks are not special to it).
+_DISPATCH = (
+    "test -n \"$shell\" && exec /bin/sh -c 'eval \"$(dd bs=1 count={n} 2>/dev/null)\"'\n"
+    "test -n \"$FISH_VERSION\" && exec /bin/sh -c 'eval \"$(dd bs=1 count={n} 2>/dev/null)\"'\n"
+    "eval \"`dd bs=1 count={n} 2>/dev/null`\""
+)
+SETUP_DONE = "remote-kernel: setup done"  # the launcher's cue that the setup lines are over
+SETUP_TIMEOUT_NOTE = "remote-kernel: setup lines still running after"
+
+
+def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = True) -> RemoteCommand:
+    """The exec request and the script it runs: ``cd`` to cwd, the setup lines (no stdin of
+    ours, bounded by startup_timeout), then exec the agent's bootstrap."""
     lines: list[str] = []
     if with_cwd and entry.cwd:
         target = shell_word(entry.cwd)
         message = shlex.quote(f"remote-kernel: cannot change to the working directory {entry.cwd!r} (cwd)")
         lines.append(f"cd -- {target} || {{ echo {message} >&2; exit {CWD_FAILED_EXIT}; }}")
-    lines.extend(entry.setup)
+    if entry.setup and with_cwd:
+        lines.extend(_bounded_setup(entry.setup, entry.startup_timeout))
     # -S: the agent needs only the standard library, and a site-packages with many .pth files
     # (conda) can take longer than the agent itself (the kernel is started without -S).
     lines.append(f"exec {shell_word(entry.python)} -S -c {shlex.quote(BOOTSTRAP)} {payload_size}")
-    return "\n".join(lines)
+    script = ("\n".join(lines) + "\n").encode("utf-8")
+    return RemoteCommand(exec=_DISPATCH.format(n=len(script)), script=script)
+
+
+def _bounded_setup(setup: tuple[str, ...], timeout: float) -> list[str]:
+    """The setup lines with stdin from /dev/null (a line that reads stdin would swallow the agent
+    payload) under a watchdog: if they still run after ``timeout`` seconds, the watchdog stops the
+    whole process group (the shell, the lines and their children), even when the SSH connection is
+    gone. The shell is the group's leader (sshd starts it with setsid) and runs without job control,
+    so every child stays in that group; the kernel, started later, gets a session of its own."""
+    seconds = max(1, math.ceil(timeout))
+    report = shlex.quote(f"{SETUP_TIMEOUT_NOTE} {seconds} s (startup_timeout); stopping them")
+    return [
+        "( trap 'kill $! 2>/dev/null; exit 0' TERM",
+        f"  sleep {seconds} & wait $!",
+        f"  echo {report} >&2; trap '' TERM; kill -TERM 0; sleep 2; kill -KILL 0 ) </dev/null >/dev/null &",
+        "rk_watchdog=$!",
+        "{",
+        *setup,
+        "} </dev/null",
+        "kill $rk_watchdog 2>/dev/null",
+        f"echo {shlex.quote(SETUP_DONE)} >&2",
+    ]
 
 
 def kernel_argv(entry: KernelEntry) -> list[str]:
@@ -123,7 +175,8 @@ def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
     connected = time.monotonic()
     command = remote_command(entry, payload_size=len(agent_payload()), with_cwd=start)
     try:
-        channel = conn.open_exec(command)
+        channel = conn.open_exec(command.exec)
+        channel.sendall(command.script)
         channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
     except BaseException:
         conn.close()

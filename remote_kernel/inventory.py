@@ -59,8 +59,8 @@ def ask_host(target: HostTarget, request: dict[str, Any]) -> dict[str, Any]:
     entry = KernelEntry(name="inventory", host=target.host, display_name="", python=target.python)
     with ssh.connect(target.host) as conn:
         command = bootstrap.remote_command(entry, payload_size=len(bootstrap.agent_payload()), with_cwd=False)
-        channel = conn.open_exec(command)
-        channel.sendall(bootstrap.agent_input(request))
+        channel = conn.open_exec(command.exec)
+        channel.sendall(command.script + bootstrap.agent_input(request))
         stdout, stderr = _read_all(channel)
     try:
         answer: dict[str, Any] = json.loads(stdout.decode())

@@ -39,7 +39,14 @@ AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the ag
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
 ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-STDERR_TAIL = 40
+STDERR_TAIL = 20  # lines of remote stderr in an error; the rest goes to a file (error_log_path)
+STDERR_KEPT = 2000  # lines kept for that file
+LIVE_STDERR_LINES = 40  # remote stderr lines logged live while starting; the rest waits for the error
+# The remote watchdog stops setup lines at startup_timeout; the launcher waits this much longer
+# for its report before giving up by itself (a dead link).
+STARTUP_MARGIN = 3.0
+PROBE_INTERVAL = 5.0  # while starting, ask sshd for a reply this often (no agent to ping yet)
+PROBE_TIMEOUT = 15.0  # ... and call the link dead after this long without one
 AGENT_NOTE = "agent: "
 DEFAULT_PING = 15.0
 RELAYED_SIGNALS = {signal.SIGINT: "interrupt"}
@@ -56,7 +63,14 @@ class _State:
     lost_at: float = 0.0
     next_attempt: float = 0.0
     attempt: int = 0
-    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
+    # (line, shown live): each remote stderr line is shown once, live or in the error
+    stderr_tail: deque[tuple[str, bool]] = field(default_factory=lambda: deque(maxlen=STDERR_KEPT))
+    stderr_seen: int = 0  # remote stderr lines received in all
+    setup_done: bool = True  # False while the entry's setup lines run
+    setup_timed_out: bool = False  # the remote watchdog reported it stopped them
+    startup_deadline: float = 0.0
+    probe: Any = None  # threading.Event of the SSH reply asked for while starting
+    probe_sent: float = 0.0
 
 
 class Launcher:
@@ -84,12 +98,18 @@ class Launcher:
     def run(self) -> int:
         previous = self._install_signal_handlers()
         try:
+            self._arm_startup()
             self._prepare_local_side()
             self._start_remote()
             return self._loop()
         finally:
             self._restore_signal_handlers(previous)
             self._cleanup()
+
+    def _arm_startup(self) -> None:
+        """startup_timeout bounds the whole start: connecting, setup lines, kernel start."""
+        self.state.setup_done = not self.entry.setup
+        self.state.startup_deadline = self.started + self.entry.startup_timeout + STARTUP_MARGIN
 
     def _prepare_local_side(self) -> None:
         path = self.requested_file
@@ -186,7 +206,49 @@ class Launcher:
             return EXIT_OK
         if state.phase == "reconnecting" and now >= state.next_attempt:
             self._try_reattach(now)
+        if state.phase == "starting":
+            self._watch_start(now)
         return None
+
+    def _watch_start(self, now: float) -> None:
+        """No agent answers pings while setup lines run (minutes, for a `module load` on a busy
+        login node): bound the start by startup_timeout and watch the link with SSH requests."""
+        state = self.state
+        if now > state.startup_deadline:
+            self._drain_remote_output()
+            raise self._startup_timeout_error()
+        if state.probe is not None and state.probe.is_set():
+            state.probe = None
+        if state.probe is not None and now - state.probe_sent > PROBE_TIMEOUT:
+            raise LaunchError(
+                f"lost the connection to {self.entry.host.label} while {self._start_activity()}: "
+                f"no answer from its sshd for {PROBE_TIMEOUT:g} s",
+                hint="check the network (VPN, Wi-Fi); the remote side stops what it started by itself",
+            )
+        probe = getattr(self.ssh, "probe", None)
+        if state.probe is None and probe is not None and now - state.probe_sent >= PROBE_INTERVAL:
+            state.probe, state.probe_sent = probe(), now
+
+    def _start_activity(self) -> str:
+        return "the setup lines ran" if not self.state.setup_done else "the kernel started"
+
+    def _startup_timeout_error(self) -> LaunchError:
+        limit = f"startup_timeout={self.entry.startup_timeout:g} s"
+        if not self.state.setup_done:
+            lines = "; ".join(self.entry.setup)
+            return LaunchError(
+                f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: setup lines still running "
+                f"after {self.entry.startup_timeout:g} s ({limit}): {lines}",
+                stderr_tail=self._unshown_stderr(),
+                hint="raise startup_timeout (e.g. \"5m\") if they are just slow, or run them by hand in "
+                     "`ssh HOST` to see where they wait; they were stopped on the remote host",
+            )
+        return LaunchError(
+            f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: the kernel did not become ready "
+            f"within {limit}",
+            stderr_tail=self._unshown_stderr(),
+            hint="raise startup_timeout, or check `python`, `command` and `kernel_args` of this entry",
+        )
 
     def _handle(self, event: Event) -> int | None:
         handler = getattr(self, f"_on_{event.kind}")
@@ -209,17 +271,67 @@ class Launcher:
     def _on_log(self, event: Event) -> None:
         # The kernel's own stdout/stderr is relayed as is; never let its key reach our log.
         text = str(event.data).replace(self.info.key, "<key>") if self.info.key else str(event.data)
-        self.state.stderr_tail.append(text)
         if text.startswith(AGENT_NOTE):  # the agent's own narration: -v
             remote_log.info("remote %s", text)
         else:  # the kernel's stderr/stdout, as a local kernel's would show in Jupyter's log
-            remote_log.warning("remote: %s", text)
+            self._remote_line(text)
 
     def _on_stderr(self, event: Event) -> None:
         for line in str(event.data).splitlines():
-            if line.strip():
-                self.state.stderr_tail.append(line)
-                remote_log.warning("remote: %s", line)
+            if line.strip() == bootstrap.SETUP_DONE:
+                self.state.setup_done = True
+                log.info("setup lines done after %.1f s; starting the kernel", time.monotonic() - self.started)
+            elif line.strip():
+                self.state.setup_timed_out |= line.startswith(bootstrap.SETUP_TIMEOUT_NOTE)
+                self._remote_line(line)
+
+    def _remote_line(self, line: str) -> None:
+        """Remote stderr, shown once: live (a starting kernel's first LIVE_STDERR_LINES), or in
+        the error that ends the launch, whose tail is capped and whose whole text goes to a file."""
+        state = self.state
+        state.stderr_seen += 1
+        live = state.phase != "starting" or state.stderr_seen <= LIVE_STDERR_LINES
+        state.stderr_tail.append((line, live))
+        if live:
+            remote_log.warning("remote: %s", line)
+        elif state.stderr_seen == LIVE_STDERR_LINES + 1:
+            remote_log.warning("remote: (more output; shown if the start fails)")
+
+    def _all_stderr(self, agent_tail: Any = None) -> str:
+        return "\n".join(line for line, _ in self.state.stderr_tail) or str(agent_tail or "")
+
+    def _unshown_stderr(self, agent_tail: Any = None) -> str:
+        """The remote stderr not yet logged live, its last STDERR_TAIL lines; all of it in a file."""
+        kept = list(self.state.stderr_tail)
+        unshown = [line for line, live in kept if not live] if kept else str(agent_tail or "").splitlines()
+        if len(unshown) <= STDERR_TAIL:
+            return "\n".join(unshown)
+        saved = self._save_stderr([line for line, _ in kept])
+        where = f"; all {self.state.stderr_seen} lines are in {saved}" if saved else ""
+        return "\n".join([f"... {len(unshown) - STDERR_TAIL} earlier lines not shown{where}", *unshown[-STDERR_TAIL:]])
+
+    def _save_stderr(self, lines: list[str]) -> Path | None:
+        """The remote stderr of a failed start, in the runtime dir (0600: it is the user's output)."""
+        try:
+            directory = (self.runtime_dir or _jupyter_runtime_dir()) / "remote-kernel"
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = directory / f"{self.entry.name}.stderr.log"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
+        except OSError:
+            return None
+        return path
+
+    def _drain_remote_output(self) -> None:
+        """Handle the stderr/log events already queued (before an error is raised from them)."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if event.kind in ("log", "stderr"):
+                self._handle(event)
 
     def _on_attached(self, event: Event) -> None:
         lost_for = time.monotonic() - self.state.lost_at
@@ -235,14 +347,21 @@ class Launcher:
         self._tunnel.flush()
         self._await_agent_exit(AGENT_EXIT_WAIT)
         data = event.data
+        self._forget_state_file()
+        if self.state.phase == "starting":
+            reason = str(data.get("reason"))
+            if data.get("code") == 0:
+                reason += " before it was ready (it never opened its sockets)"
+            raise LaunchError(f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: {reason}",
+                              stderr_tail=self._unshown_stderr(data.get("stderr_tail")),
+                              hint=_hint_for(self._all_stderr(data.get("stderr_tail")))
+                              or "check `command` and `kernel_args`: the kernel command must keep running")
         if self.state.phase == "stopping" or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
-            self._forget_state_file()
             return EXIT_OK
-        self._forget_state_file()
-        tail = data.get("stderr_tail") or "\n".join(self.state.stderr_tail)
         raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
-                          stderr_tail=tail, hint=_hint_for(tail))
+                          stderr_tail=self._unshown_stderr(data.get("stderr_tail")),
+                          hint=_hint_for(self._all_stderr(data.get("stderr_tail"))))
 
     def _await_agent_exit(self, timeout: float) -> None:
         """The agent exits once it has our ACK of its EXITED. Closing the connection before that
@@ -262,6 +381,8 @@ class Launcher:
     def _on_link_lost(self, event: Event) -> int | None:
         status = _exit_status(event.uplink)
         if self.state.phase == "starting" or self.state.remote_dir is None:
+            self._take_stderr(event.uplink)
+            self._drain_remote_output()
             self._raise_startup_failure(status)
         if self.state.phase == "stopping":
             return EXIT_OK
@@ -269,13 +390,13 @@ class Launcher:
             self._forget_state_file()
             raise LaunchError(f"the remote kernel on {self.entry.host.label} is gone: it was reaped "
                               f"after reconnect_grace={self.entry.reconnect_grace:g} s or it died",
-                              stderr_tail="\n".join(self.state.stderr_tail))
+                              stderr_tail=self._unshown_stderr())
         now = time.monotonic()
         if self.state.phase == "running":
             self.state.lost_at = now
             self.state.attempt = 0
             self.state.next_attempt = now
-            log.warning("lost the connection to %s (%s); reconnecting for up to %g s",
+            log.warning("lost the connection to %s: %s, reconnecting for up to %g s (reconnect_grace)",
                         self.entry.host.label, event.data, self.entry.reconnect_grace)
         else:  # the channel of a reattach attempt closed: back off before the next one
             self.state.next_attempt = now + _backoff(self.state.attempt)
@@ -288,23 +409,25 @@ class Launcher:
         with contextlib.suppress(Exception):
             while len(data) < 1 << 20 and channel.recv_stderr_ready():
                 data += channel.recv_stderr(65536)
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                self.state.stderr_tail.append(line)
-                remote_log.warning("remote: %s", line)
+        if data:
+            self._on_stderr(Event("stderr", data.decode("utf-8", "replace")))
 
     def _raise_startup_failure(self, status: int | None) -> None:
-        tail = "\n".join(self.state.stderr_tail)
+        if self.state.setup_timed_out:
+            raise self._startup_timeout_error()
+        tail = self._unshown_stderr()
         if status == bootstrap.CWD_FAILED_EXIT:
             reason = f"the working directory {self.entry.cwd!r} does not exist on the remote host"
         elif status == 127:
             reason = f"the remote shell could not run {self.entry.python!r} (python)"
         else:
             reason = "the remote side ended before the kernel started"
-            if status is not None:
+            if status is not None and status >= 0:
                 reason += f" (exit status {status})"
+            elif not self.state.setup_done:
+                reason += " (while the setup lines ran)"
         raise LaunchError(f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: {reason}",
-                          stderr_tail=tail, hint=_hint_for(tail))
+                          stderr_tail=tail, hint=_hint_for(self._all_stderr()))
 
     # ------------------------------------------------------------------------------ reconnect
 
