@@ -4,6 +4,9 @@ Each host is asked once, over one SSH exec that runs the same agent code in ``li
 mode (nothing installed remotely). The agent checks a PID is still one of ours (the bootstrap
 marker in its argv) before it signals it. Locally, ``gc`` removes connection files we wrote
 whose ports nobody serves any more, and restart records of dead launchers.
+
+All hosts are asked at once, each on a thread of its own: a host that accepts TCP and never
+speaks SSH costs the whole command one connect timeout, not one per host (issue 12, item 5).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,11 @@ from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry
 from remote_kernel.errors import RemoteKernelError
 
 log = logging.getLogger(__name__)
-READ_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0  # ssh.connect's per-step bound: a silent host fails after this
+READ_TIMEOUT = 10.0  # the agent answers list/gc in well under a second once it runs
+# The whole query, all hosts together: a host that connected but hangs (a login shell stuck in
+# its rc files, a hung NFS home) is reported as not answering rather than holding the command.
+QUERY_DEADLINE = CONNECT_TIMEOUT + READ_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,80 @@ def targets_from_entries(entries: list[KernelEntry], hosts: list[HostEntry], onl
     return selected
 
 
-def ask_host(target: HostTarget, request: dict[str, Any]) -> dict[str, Any]:
-    """Run the agent in ``request["mode"]`` on the host and return its JSON answer."""
+@dataclass(eq=False)  # identity hash: a key of the threads that fill it in
+class HostAnswer:
+    """One host's answer to a query, or why there is none (a one-line reason, no traceback)."""
+
+    target: HostTarget
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def ask_hosts(targets: list[HostTarget], request: dict[str, Any]) -> list[HostAnswer]:
+    """Ask every host at once; answers in the order of ``targets``, within QUERY_DEADLINE."""
+    answers = [HostAnswer(target) for target in targets]
+    silence_paramiko()
+    threads = {answer: threading.Thread(target=_ask_into, args=(answer, request, resolved), daemon=True,
+                                        name=f"rk-ask-{answer.target.host.name}")
+               for answer, resolved in zip(answers, _resolve_all(answers), strict=True) if resolved is not None}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + QUERY_DEADLINE
+    for thread in threads.values():  # daemon threads: one that never returns cannot hold the exit
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for answer, thread in threads.items():
+        if thread.is_alive():
+            answer.error = f"no answer within {QUERY_DEADLINE:g} s (connected, but the remote side did not reply)"
+    return answers
+
+
+def _ask_into(slot: HostAnswer, request: dict[str, Any], resolved: Any) -> None:
+    try:
+        slot.answer = ask_host(slot.target, request, resolved=resolved)
+    except RemoteKernelError as exc:
+        slot.error = _one_line(exc)
+    except Exception as exc:  # a bug: said in one line here, the traceback with -vv
+        log.debug("asking %s failed", slot.target.host.label, exc_info=True)
+        slot.error = f"unexpected {type(exc).__name__}: {exc} (a bug in remote-kernel; -vv shows where)"
+
+
+def _one_line(exc: RemoteKernelError) -> str:
+    return f"{exc.message} (hint: {exc.hint})" if exc.hint else exc.message
+
+
+def _resolve_all(answers: list[HostAnswer]) -> list[Any]:
+    """Resolve every host here, before the threads: paramiko is imported on first use, and two
+    threads importing it at once see a half-initialised module. A host that cannot be resolved
+    (a bad ~/.ssh/config) is a failure of that host only."""
+    from remote_kernel import ssh
+
+    resolved: list[Any] = []
+    for answer in answers:
+        try:
+            resolved.append(ssh.resolve_host(answer.target.host))
+        except RemoteKernelError as exc:
+            answer.error = _one_line(exc)
+            resolved.append(None)
+    return resolved
+
+
+def silence_paramiko() -> None:
+    """paramiko's transport thread logs a failed handshake as ~20 ERROR lines of traceback; our
+    SSHError already says what happened in one line. For the rest of the command, not just the
+    query: a failed connection's transport thread may log after we gave up on it (its socket was
+    closed under it). Still shown with -vvv (paramiko at DEBUG)."""
+    logger = logging.getLogger("paramiko")
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.CRITICAL + 1)
+
+
+def ask_host(target: HostTarget, request: dict[str, Any], *, resolved: Any = None) -> dict[str, Any]:
+    """Run the agent in ``request["mode"]`` on the host (``resolved``: the host as
+    ssh.resolve_host gave it, if done already) and return its JSON answer."""
     from remote_kernel import ssh
 
     entry = KernelEntry(name="inventory", host=target.host, display_name="", python=target.python)
-    with ssh.connect(target.host) as conn:
+    with ssh.connect(resolved or target.host, timeout=CONNECT_TIMEOUT) as conn:
         command = bootstrap.remote_command(entry, payload_size=len(bootstrap.agent_payload()), with_cwd=False)
         channel = conn.open_exec(command.exec)
         channel.sendall(command.script + bootstrap.agent_input(request))
@@ -65,7 +141,7 @@ def ask_host(target: HostTarget, request: dict[str, Any]) -> dict[str, Any]:
     try:
         answer: dict[str, Any] = json.loads(stdout.decode())
     except ValueError as exc:
-        raise RemoteKernelError(f"{target.host.label}: unexpected answer from the remote side: "
+        raise RemoteKernelError(f"unexpected answer from the remote side: "
                                 f"{(stderr or stdout).decode(errors='replace').strip()[-500:]}") from exc
     return answer
 
@@ -85,18 +161,46 @@ def _read_all(channel: Any) -> tuple[bytes, bytes]:
     return bytes(out), bytes(err)
 
 
-def describe_agents(target: HostTarget, answer: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for `ps`: entry, pids, age, attached/orphaned/stale, lease left."""
-    now = float(answer.get("now", time.time()))
-    rows = []
-    for agent in answer.get("agents", []):
-        state, lease_left = _agent_state(agent, now)
-        rows.append({
-            "host": target.host.label, "name": agent.get("name"), "agent_pid": agent.get("agent_pid"),
-            "kernel_pid": agent.get("kernel_pid"), "age": _age(agent, now), "state": state,
-            "lease_left": lease_left, "dir": agent.get("dir"),
-        })
-    return rows
+def describe_agents(answers: list[HostAnswer]) -> list[dict[str, Any]]:
+    """Rows for `ps`: entry, pids, age, attached/orphaned/stale, lease left; one row per kernel
+    with every configured host that reaches it (two aliases of one account list it twice)."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for answer in answers:
+        now = float((answer.answer or {}).get("now", time.time()))
+        for agent in (answer.answer or {}).get("agents", []):
+            row = rows.setdefault(kernel_identity(agent), _agent_row(agent, now))
+            row["hosts"].append(answer.target.host.label)
+    for row in rows.values():
+        row["host"] = ", ".join(row["hosts"])
+    return list(rows.values())
+
+
+def kernel_identity(agent: dict[str, Any]) -> tuple[Any, ...]:
+    """One kernel on one machine, whichever alias reached it: its directory's name is random
+    (k-<32 random bits> under /tmp/remote-kernel-<uid>), and with the agent's PID and start time
+    it names a single kernel without asking the host for an identity of its own."""
+    return agent.get("dir"), agent.get("agent_pid"), agent.get("started")
+
+
+def _agent_row(agent: dict[str, Any], now: float) -> dict[str, Any]:
+    state, lease_left = _agent_state(agent, now)
+    return {
+        "host": "", "hosts": [], "name": agent.get("name"), "agent_pid": agent.get("agent_pid"),
+        "kernel_pid": agent.get("kernel_pid"), "age": _age(agent, now), "state": state,
+        "lease_left": lease_left, "dir": agent.get("dir"),
+    }
+
+
+def gc_actions(answers: list[HostAnswer]) -> list[dict[str, Any]]:
+    """The remote `gc` actions, each once (two aliases of one account run gc on the same files)."""
+    actions: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for answer in answers:
+        for action in (answer.answer or {}).get("actions", []):
+            key = (action.get("action"), action.get("dir"), action.get("agent_pid"))
+            actions.setdefault(key, {"host": "", "hosts": [], **action})["hosts"].append(answer.target.host.label)
+    for action in actions.values():
+        action["host"] = ", ".join(action["hosts"])
+    return list(actions.values())
 
 
 def _agent_state(agent: dict[str, Any], now: float) -> tuple[str, float | None]:

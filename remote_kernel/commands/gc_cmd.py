@@ -10,7 +10,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "gc", parents=[common], help="remove orphaned remote kernels and stale files",
         description="Stop orphaned remote kernels whose lease ran out, remove stale remote directories "
-                    "and stale local connection files. A remote PID is checked to still be ours first.",
+                    "and stale local connection files. A remote PID is checked to still be ours first. "
+                    "All hosts are asked at once; a host that cannot be reached gets one line on stderr.",
     )
     parser.add_argument("--host", help="only this [hosts] name or target")
     parser.add_argument("--dry-run", action="store_true", help="show what would be removed, change nothing")
@@ -22,19 +23,12 @@ def run(args: argparse.Namespace) -> int:
     from jupyter_core.paths import jupyter_runtime_dir
 
     from remote_kernel import console, inventory
-    from remote_kernel.commands.ps_cmd import host_targets
-    from remote_kernel.errors import EXIT_FAILED, EXIT_OK, RemoteKernelError
+    from remote_kernel.commands.ps_cmd import host_targets, report_failures
+    from remote_kernel.errors import EXIT_FAILED, EXIT_OK
 
-    actions: list[dict[str, Any]] = []
-    failures: list[dict[str, str]] = []
-    for target in host_targets(args):
-        try:
-            answer = inventory.ask_host(target, {"mode": "gc", "dry_run": args.dry_run})
-        except RemoteKernelError as exc:
-            failures.append({"host": target.host.label, "error": exc.message})
-            console.emit_error(f"{target.host.label}: {exc}")
-            continue
-        actions += [{"host": target.host.label, **action} for action in answer.get("actions", [])]
+    answers = inventory.ask_hosts(host_targets(args), {"mode": "gc", "dry_run": args.dry_run})
+    failures = report_failures(answers)
+    actions = inventory.gc_actions(answers)
     actions += [{"host": "local", **a} for a in inventory.local_garbage(Path(jupyter_runtime_dir()), args.dry_run)]
     if args.json:
         console.emit_json("gc", {"ok": not failures, "dry_run": args.dry_run, "actions": actions, "failures": failures})

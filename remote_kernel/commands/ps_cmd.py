@@ -10,29 +10,36 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "ps", parents=[common], help="list remote kernels started by remote-kernel on the configured hosts",
         description="List remote kernels on every configured host (entry, remote PIDs, age, attached or "
-                    "orphaned, lease left). Connects to each host once.",
+                    "orphaned, lease left). Connects to all hosts at once; a host that cannot be reached "
+                    "gets one line on stderr. A kernel reached through several configured hosts (aliases "
+                    "of one account) is shown once, with all of them.",
     )
     parser.add_argument("--host", help="only this [hosts] name or target")
 
 
 def run(args: argparse.Namespace) -> int:
     from remote_kernel import console, inventory
-    from remote_kernel.errors import EXIT_FAILED, EXIT_OK, RemoteKernelError
+    from remote_kernel.errors import EXIT_FAILED, EXIT_OK
 
-    rows: list[dict[str, Any]] = []
-    failures: list[dict[str, str]] = []
-    for target in host_targets(args):
-        try:
-            rows += inventory.describe_agents(target, inventory.ask_host(target, {"mode": "list"}))
-        except RemoteKernelError as exc:
-            failures.append({"host": target.host.label, "error": exc.message})
-            console.emit_error(f"{target.host.label}: {exc}")
+    answers = inventory.ask_hosts(host_targets(args), {"mode": "list"})
+    failures = report_failures(answers)
+    rows = inventory.describe_agents(answers)
     if args.json:
         console.emit_json("ps", {"ok": not failures, "kernels": rows, "failures": failures})
     else:
         console.emit_table("remote kernels", ["host", "entry", "agent pid", "kernel pid", "age", "state", "lease left"],
                            [_row(r) for r in rows])
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def report_failures(answers: list[Any]) -> list[dict[str, str]]:
+    """One line on stderr per host that could not be asked (also for gc); the --json failures."""
+    from remote_kernel import console
+
+    failures = [{"host": a.target.host.label, "error": a.error} for a in answers if a.error is not None]
+    for failure in failures:
+        console.emit_error(f"{failure['host']}: {failure['error']}")
+    return failures
 
 
 def host_targets(args: argparse.Namespace) -> list[Any]:
