@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from remote_kernel.entry import HostEntry, parse_target
 from remote_kernel.errors import LaunchError, UsageError
 from remote_kernel.protocol import CHANNELS
 
@@ -126,6 +127,25 @@ def write_connection_file(path: Path, info: ConnectionInfo, kernel_name: str) ->
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(info.to_dict(kernel_name), handle, indent=1)
     os.replace(temporary, path)
+
+
+def default_connection_file(runtime_dir: Path, host: HostEntry) -> Path:
+    """``kernel-<ssh user>@<host alias>.json`` in ``runtime_dir``, named as v1.1 named it: the
+    login user as ssh resolves it (the host's ``user``, else ~/.ssh/config's User, else the local
+    login name; never $USER, which is unset under some Jupyter servers and may not be the SSH user)
+    and the host as the user named it."""
+    from remote_kernel import ssh  # paramiko: loaded here only for `start` without -f
+
+    return default_connection_path(runtime_dir, ssh.resolve_host(host).user, host_alias(host))
+
+
+def host_alias(host: HostEntry) -> str:
+    """A [hosts] name or ~/.ssh/config alias as written; for a ``user@host:port`` target (v1.1's
+    -t, or a kernel's ``host`` that names no [hosts] table) its host part."""
+    try:
+        return parse_target(host.name).host
+    except ValueError:
+        return host.name
 
 
 def default_connection_path(runtime_dir: Path, user: str, host: str) -> Path:

@@ -131,10 +131,7 @@ class Launcher:
         log.info("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
 
     def _default_connection_path(self) -> Path:
-        runtime = self.runtime_dir or _jupyter_runtime_dir()
-        host = self.entry.host
-        user = host.user or os.environ.get("USER", "user")
-        return connection.default_connection_path(runtime, user, host.hostname or host.name)
+        return connection.default_connection_file(self.runtime_dir or _jupyter_runtime_dir(), self.entry.host)
 
     # ------------------------------------------------------------------------------ remote side
 

@@ -562,7 +562,7 @@ def test_two_starts_of_one_entry_get_two_connection_files(
         with launched_cli(args, stderr_path=tmp_path / "two.err") as two:
             second = Path(two.wait_for_line(EXISTING_LINE)[1])
             assert second != first
-            assert first.name == f"kernel-{sshd.user}@{sshd.host}.json"
+            assert first.name == f"kernel-{sshd.user}@fixture.json"  # the SSH user, the host's name in the config
             for path in (first, second):
                 kc = connect_client(path)
                 try:

@@ -27,7 +27,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def add_connection_file_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--connection-file", metavar="FILE", type=Path,
                         help="the connection file to serve (Jupyter passes {connection_file}); "
-                             "default: a new one in the Jupyter runtime dir")
+                             "default: kernel-<ssh user>@<host>.json in the Jupyter runtime dir (the SSH "
+                             "login user and the host as the config or -t names it; -2, -3... if that "
+                             "one is in use)")
 
 
 def run(args: argparse.Namespace) -> int:
