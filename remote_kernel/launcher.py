@@ -30,7 +30,7 @@ from typing import Any
 from remote_kernel import bootstrap, connection
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
-from remote_kernel.tunnel import Event, Tunnel
+from remote_kernel.tunnel import IDLE_PING, Event, Tunnel
 
 log = logging.getLogger(__name__)
 remote_log = logging.getLogger("remote_kernel.remote")
@@ -125,8 +125,9 @@ class Launcher:
         self.connection_path = path
         self.info = info
         # Our pings renew the remote lease, so they run even when SSH keepalives are off (0).
+        # They also time the link (tunnel.py, LIVENESS): a silent link is noticed in ~10-15 s.
         keepalive = self.entry.host.keepalive or DEFAULT_PING
-        ping = max(0.5, min(keepalive, self.entry.reconnect_grace / 3))
+        ping = max(0.5, min(IDLE_PING, keepalive, self.entry.reconnect_grace / 3))
         self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
         log.info("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
 
@@ -332,7 +333,17 @@ class Launcher:
 
     def _on_attached(self, event: Event) -> None:
         lost_for = time.monotonic() - self.state.lost_at
-        log.warning("reattached to the remote kernel after %.1f s; nothing was lost", lost_for)
+        hello = event.data if isinstance(event.data, dict) else {}
+        # The agent held the kernel's output in its backlog (output_backlog); what did not fit
+        # was dropped whole messages at a time, and counted: it shows a notice where the gap is.
+        dropped, lines = int(hello.get("dropped_messages") or 0), int(hello.get("dropped_lines") or 0)
+        if dropped or hello.get("dropping"):
+            log.warning("reattached to the remote kernel after %.1f s; output did not fit in the remote "
+                        "backlog (output_backlog = %s bytes): %d lines (%d messages) dropped so far, "
+                        "reported in the notebook where they were", lost_for, hello.get("output_backlog"),
+                        lines, dropped)
+        else:
+            log.warning("reattached to the remote kernel after %.1f s; nothing was lost", lost_for)
         self.state.phase = "running"
         self.state.attempt = 0
 

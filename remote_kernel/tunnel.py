@@ -4,8 +4,10 @@ Listens on the client's ports on 127.0.0.1 (any number of clients per channel), 
 client connection as a stream of frames (protocol.py) over one uplink: the stdin/stdout of one
 SSH exec channel running the remote agent. Three threads:
 
-- the *pump* runs one select loop: accepts clients, reads them, writes clients what they could
-  not take at once, sends a client's small request itself when the writer is idle;
+- the *pump* runs one poll loop (P.Watcher: epoll/kqueue, no 1024-descriptor limit): accepts
+  clients (at most CLIENT_LIMIT per port), reads them, writes clients what they could not take at
+  once, sends a client's small request itself when the writer is idle, and checks that the link
+  is alive (LIVENESS below);
 - the *writer* sequences frames from the outbox (control frames first) and writes them to the
   uplink, whose ``sendall`` blocks when the SSH window is full;
 - paramiko's *transport thread* hands the agent's bytes to ``_from_uplink`` as each SSH packet
@@ -28,7 +30,6 @@ import functools
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -50,6 +51,17 @@ WRITE_BATCH = 512 * 1024
 DIRECT_LIMIT = 64 * 1024  # a client's frame this small is written by the pump itself when it can
 FLUSH_TIMEOUT = 2.0
 EXIT_STATUS_WAIT = 1.0  # seconds to wait for the exit-status that may follow EOF
+CLIENT_LIMIT = 256  # client connections per port; beyond it new ones are closed at once
+ACCEPT_BACKOFF = 1.0  # seconds a listener is not watched after EMFILE/ENFILE (it would spin)
+# LIVENESS. A link can go silent without any error (Wi-Fi roaming, a sleeping NAT, a VPN re-key):
+# TCP notices after minutes, SSH keepalives after keepalive x 3. So the pump sends a tiny PING
+# every IDLE_PING seconds and measures the PONG's round trip (srtt/rttvar, as TCP does); when no
+# byte at all has come from the agent for silence_limit() seconds, the link is declared lost and
+# the launcher reconnects. The limit never drops below LIVENESS_FLOOR (a slow link is not a dead
+# one) and grows with the measured round trip. Each PING carries the limit, and the agent applies
+# it to us. Before the agent's first byte (setup lines may run for minutes) it does not apply.
+IDLE_PING = 2.5
+LIVENESS_FLOOR = 10.0
 
 
 class Uplink(Protocol):
@@ -89,10 +101,19 @@ class ClientStream:
 
 class Tunnel:
     def __init__(self, listeners: dict[str, socket.socket], events: queue.Queue[Event], *,
-                 ping_interval: float = 15.0) -> None:
+                 ping_interval: float = IDLE_PING, liveness_floor: float = LIVENESS_FLOOR) -> None:
         self._listeners = {sock: channel for channel, sock in listeners.items()}
+        self._clients = dict.fromkeys(listeners, 0)  # per channel
+        self._accept_paused: dict[socket.socket, float] = {}
+        self._refused_logged: set[str] = set()
+        self._watcher = P.Watcher()
         self._events = events
         self._ping_interval = ping_interval
+        self._liveness_floor = liveness_floor
+        self._heard = False  # a byte has come from the agent on this uplink (see LIVENESS)
+        self._ping_sent: float | None = None  # when the PING being timed was queued
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._lock = threading.Condition()
         self._work = threading.RLock()  # see the module docstring
         self._outbox = P.Outbox()
@@ -140,6 +161,8 @@ class Tunnel:
             self._decoder.reset()
             self._unreleased = 0
             self._last_rx = time.monotonic()
+            self._heard = False
+            self._ping_sent = None
             if hello is not None:
                 self._raw = [P.hello(hello, self._receiver.received), *self._sender.unacknowledged()]
                 self._receiver.acked = self._receiver.received
@@ -189,6 +212,8 @@ class Tunnel:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        with contextlib.suppress(OSError):
+            self._watcher.close()
         if self._failure is not None:
             raise self._failure
 
@@ -317,22 +342,23 @@ class Tunnel:
         while self._running:
             with self._work:
                 self._close_sockets()
-                readers, writers = self._interest()
+                self._watcher.update(self._interest())
                 uplink = self._uplink
             try:
-                readable, writable, _ = select.select(readers, writers, [], self._tick())
+                events = self._watcher.wait(self._tick())
             except (OSError, ValueError):
                 with self._work:
                     self._drop_closed_sockets()
                 continue
-            if uplink is not None and uplink.fileno() in readable:
+            if uplink is not None and any(obj is uplink for obj, _ in events):
                 self._read_stderr(uplink)  # outside _work: a read may grant window (a send)
             with self._work:
-                for item in writable:
-                    if (stream := self._by_sock.get(item)) is not None:
+                for obj, mask in events:
+                    if mask & P.WRITABLE and (stream := self._by_sock.get(obj)) is not None:
                         self._write_client(stream)
-                for item in readable:
-                    self._on_readable(item)
+                for obj, mask in events:
+                    if mask & P.READABLE:
+                        self._on_readable(obj)
                 self._timers()
                 direct, self._direct = self._direct, None
                 consumed, self._unreleased = self._unreleased, 0
@@ -359,19 +385,24 @@ class Tunnel:
     def _tick(self) -> float:
         return min(0.25, max(0.01, self._ping_interval / 4))
 
-    def _interest(self) -> tuple[list[Any], list[Any]]:
-        readers: list[Any] = [self._wake_r, *self._listeners]
+    def _interest(self) -> dict[int, tuple[Any, int]]:
+        """{fd: (object, events)} this round waits for (P.Watcher registers only the changes)."""
+        wanted: dict[int, tuple[Any, int]] = {self._wake_r: (self._wake_r, P.READABLE)}
+        now = time.monotonic()
+        for sock in self._listeners:
+            if now >= self._accept_paused.get(sock, 0.0):
+                wanted[sock.fileno()] = (sock, P.READABLE)
         uplink = self._uplink
         if uplink is not None:
-            readers.append(uplink.fileno())
+            wanted[uplink.fileno()] = (uplink, P.READABLE)
         may_read = self._outbox.bulk_bytes < BULK_LIMIT and self._sender.unacked_bytes < P.UNACKED_LIMIT
-        writers: list[Any] = []
         for stream in self._streams.values():
-            if may_read and not stream.peer_paused:
-                readers.append(stream.sock)
+            events = P.READABLE if may_read and not stream.peer_paused else 0
             if stream.outbuf:
-                writers.append(stream.sock)
-        return readers, writers
+                events |= P.WRITABLE
+            if events:
+                wanted[stream.sock.fileno()] = (stream.sock, events)
+        return wanted
 
     def _on_readable(self, item: Any) -> None:
         if item == self._wake_r:
@@ -381,7 +412,7 @@ class Tunnel:
             self._accept(item)
         elif item in self._by_sock:
             self._read_client(self._by_sock[item])
-        elif self._uplink is not None and item == self._uplink.fileno():
+        elif self._uplink is not None and item is self._uplink:
             self._read_stdout(self._uplink)
 
     def _timers(self) -> None:
@@ -391,14 +422,34 @@ class Tunnel:
             return
         if now - self._last_ping >= self._ping_interval:
             self._last_ping = now
-            self._put_raw(P.encode(P.PING, 0, self._receiver.received))
+            if self._ping_sent is None:
+                self._ping_sent = now  # one round trip timed at a time
+            limit = f"{self._silence_limit():.1f}".encode()
+            self._put_raw(P.encode(P.PING, 0, self._receiver.received, limit))
         elif self._receiver.ack_due(now - self._last_ack):
             self._last_ack = now
             self._put_raw(self._receiver.make_ack())
-        # The agent answers every PING; three silent intervals mean the link is dead even if
-        # TCP has not noticed (a sleeping laptop, a dropped Wi-Fi).
-        if now - self._last_rx > 3 * self._ping_interval + 5:
-            self._lost(uplink, f"no answer from the remote side for {now - self._last_rx:.0f} s")
+        silent = now - self._last_rx
+        if self._heard and silent > self._silence_limit():
+            self._lost(uplink, f"link silent for {silent:.0f} s")
+
+    def _silence_limit(self) -> float:
+        """Seconds without a byte from the agent after which the link counts as dead."""
+        if self._srtt is None:
+            return self._liveness_floor
+        timeout = self._srtt + 4 * self._rttvar  # TCP's retransmission timeout (RFC 6298)
+        return max(self._liveness_floor, self._ping_interval + 3 * timeout)
+
+    def _on_pong(self) -> None:
+        if self._ping_sent is None:
+            return
+        sample = time.monotonic() - self._ping_sent
+        self._ping_sent = None
+        if self._srtt is None:
+            self._srtt, self._rttvar = sample, sample / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
+            self._srtt = 0.875 * self._srtt + 0.125 * sample
 
     def _drop_closed_sockets(self) -> None:
         for stream in list(self._streams.values()):
@@ -412,13 +463,29 @@ class Tunnel:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            # Out of descriptors (EMFILE, ENFILE) or buffers: the pending connection keeps the
+            # listener readable, so it is not watched for a moment (else the pump spins).
+            self._accept_paused[listener] = time.monotonic() + ACCEPT_BACKOFF
+            log.warning("cannot accept a connection on the kernel's %s port: %s; pausing %g s",
+                        self._listeners[listener], exc.strerror or exc, ACCEPT_BACKOFF)
+            return
+        channel = self._listeners[listener]
+        if self._clients[channel] >= CLIENT_LIMIT:
+            sock.close()
+            if channel not in self._refused_logged:  # once per burst, not once per connection
+                self._refused_logged.add(channel)
+                log.warning("refusing connections to the kernel's %s port: %d clients are connected "
+                            "already", channel, CLIENT_LIMIT)
+            return
         if not self._is_same_user(sock):
             sock.close()
             return
         # Without TCP_NODELAY, Nagle + delayed ACK add ~40 ms to 1-2% of requests (ANCHORS.md).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
-        stream = ClientStream(self._next_sid, self._listeners[listener], sock)
+        stream = ClientStream(self._next_sid, channel, sock)
+        self._clients[channel] += 1
         self._next_sid += 1
         self._streams[stream.sid] = stream
         self._by_sock[sock] = stream
@@ -462,7 +529,9 @@ class Tunnel:
             self._put(P.RESUME, stream.sid)
 
     def _close_stream(self, stream: ClientStream, *, tell_peer: bool) -> None:
-        self._streams.pop(stream.sid, None)
+        if self._streams.pop(stream.sid, None) is not None:
+            self._clients[stream.channel] -= 1
+            self._refused_logged.discard(stream.channel)
         self._by_sock.pop(stream.sock, None)
         # Closed by the pump before its next select: it may be watching this socket right now
         # (when the transport thread closes a stream), and a closed fd's number gets reused.
@@ -498,6 +567,7 @@ class Tunnel:
             self._lost(uplink, "the SSH channel closed")
             return
         self._last_rx = time.monotonic()
+        self._heard = True
         for frame in self._decoder.feed(data):
             self._on_frame(frame)
 
@@ -511,6 +581,7 @@ class Tunnel:
                     return  # an old link's last packets: the agent re-sends them on reattach
                 self._wake_pump = False
                 self._last_rx = time.monotonic()
+                self._heard = True
                 before = self._unreleased
                 self._unreleased += len(data)
                 for frame in self._decoder.feed(data):
@@ -531,7 +602,9 @@ class Tunnel:
                 self._sender.acknowledge(seq)
                 self._lock.notify_all()
             self._wake_pump = True  # the acknowledgement may let it read clients again
-            if kind == P.HELLO:
+            if kind == P.PONG:
+                self._on_pong()
+            elif kind == P.HELLO:
                 self._events.put(Event("attached", P.decode_json(payload)))
             return
         if not self._receiver.accept(seq, len(payload)):

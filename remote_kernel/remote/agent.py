@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import select
 import signal
@@ -33,8 +34,9 @@ from remote_kernel.remote.spawn import (
     AgentError,
     KernelProcess,
     Started,
-    base_dir,
+    base_path,
     is_our_dir,
+    no_room_message,
     write_private,
 )
 
@@ -56,6 +58,17 @@ STDERR_TAIL_LINES = 40
 ALLOWED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 AGENT_INFO = "agent.json"
 AGENT_MARKER = "remote-kernel-agent"  # in the bootstrap (bootstrap.py), hence in our argv
+# Reattach connections on agent.sock before they prove the token: a few, briefly, small. Anyone
+# else (a stray or hostile process of the same user) is dropped; the kernel never notices.
+CANDIDATE_LIMIT = 16  # a new connection beyond this replaces the oldest pending one
+CANDIDATE_TIMEOUT = 5.0  # seconds to send a whole HELLO
+HELLO_LIMIT = 4096  # bytes of HELLO payload (the launcher's is ~80)
+ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE/ENFILE (a readable listener spins)
+# A silent launcher (no byte, not even its PING) is left after this many seconds; each PING names
+# the launcher's own deadline, which adapts to the link's round-trip time (tunnel.py).
+DEFAULT_SILENCE = 20.0
+SILENCE_BOUNDS = (2.0, 3600.0)
+DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024  # config "output_backlog": kernel output held for the launcher
 
 
 # --------------------------------------------------------------------------------------- streams
@@ -71,6 +84,212 @@ class Stream:
         self.outbuf = bytearray()
         self.peer_paused = False  # the launcher asked us not to send this stream's data
         self.we_paused = False  # we asked the launcher to hold this stream's data
+        # iopub output is read whatever the uplink does (the kernel drops what we do not read),
+        # into the backlog, and dropped a whole message at a time when that is full.
+        self.framer: Optional[IopubFramer] = IopubFramer() if channel == "iopub" else None
+
+
+class Candidate:
+    """A connection to agent.sock that has not yet sent a valid HELLO."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.deadline = deadline
+
+
+ZMTP_GREETING = 64  # ZMTP 3.x: signature (10), version (2), mechanism (20), as-server (1), filler
+DELIMITER = b"<IDS|MSG>"
+CAPTURE_LIMIT = 1024 * 1024  # a dropped stream message's content up to this is parsed exactly
+
+
+class IopubFramer:
+    """Message boundaries in the kernel->client bytes of one iopub connection (raw ZMTP 3 from
+    the kernel's socket: a 64-byte greeting, then frames of flags, size and body; a message is the
+    frames up to one without MORE; commands stand alone), so that whole messages can be dropped
+    when the backlog is full. Reads frame headers only and skips bodies by arithmetic: O(frames),
+    not O(bytes). Dropped messages are counted, with the lines of stream output in them."""
+
+    def __init__(self) -> None:
+        self.greeting = bytearray()
+        self.broken = False  # not ZMTP 3 with the NULL mechanism: never drop, only relay
+        self.header = bytearray()  # a frame header split between reads
+        self.body_left = 0
+        self.more = False  # the current frame has MORE
+        self.command = False  # the current frame is a ZMTP command
+        self.in_message = False
+        self.dropping = False  # the current message is being dropped
+        self.part = -1  # while dropping: index of the current frame after the delimiter
+        self.capture: Optional[bytearray] = None  # the current dropped frame's body, when needed
+        self.is_stream = False
+        # Dropped and not yet reported.
+        self.dropped = 0
+        self.lines = 0
+        self.parent = b"{}"  # parent_header of the last dropped message
+        self.session = ""
+
+    def at_boundary(self) -> bool:
+        return (not self.broken and len(self.greeting) == ZMTP_GREETING and not self.in_message
+                and not self.header and not self.body_left)
+
+    def feed(self, data: bytes, budget: int, resume: Any) -> bytes:
+        """The bytes of ``data`` to relay. A message that begins once ``budget`` bytes (what the
+        backlog has room for) are spent is dropped; ``resume(self)`` gives the notice put where
+        a run of dropped messages ends."""
+        if self.broken:
+            return data
+        self._pieces: List[Any] = []
+        self._kept = 0
+        self._whole = True  # the pieces are all of data, in order: relay data itself (no copy)
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            if len(self.greeting) < ZMTP_GREETING:
+                pos = self._feed_greeting(view, pos)
+            elif self.body_left:
+                pos = self._feed_body(view, pos)
+            else:
+                pos = self._feed_header(data, pos, budget, resume)
+        pieces, self._pieces = self._pieces, []
+        return data if self._whole else b"".join(pieces)
+
+    def _feed_greeting(self, view: Any, pos: int) -> int:
+        take = min(ZMTP_GREETING - len(self.greeting), len(view) - pos)
+        self.greeting += view[pos:pos + take]
+        if self._greeting_ok():
+            self._pieces.append(view[pos:pos + take])
+            return pos + take
+        self.broken = True
+        self._pieces.append(view[pos:])
+        return len(view)
+
+    def _feed_body(self, view: Any, pos: int) -> int:
+        take = min(self.body_left, len(view) - pos)
+        if not self.dropping or self.command:
+            self._pieces.append(view[pos:pos + take])
+            self._kept += take
+        else:
+            self._whole = False
+            if self.capture is not None:
+                self.capture += view[pos:pos + take]
+        self.body_left -= take
+        if not self.body_left:
+            self._frame_end()
+        return pos + take
+
+    def _feed_header(self, data: bytes, pos: int, budget: int, resume: Any) -> int:
+        start = pos
+        pos, header = self._read_header(data, pos)
+        if header is None:
+            self._whole = False  # kept for the next read, which completes the header
+            return pos
+        flags, length, raw = header
+        if len(raw) != pos - start:
+            self._whole = False
+        if not self.in_message and not flags & 4:  # a message begins: keep it or drop it whole
+            self.in_message = True
+            self.dropping = self._kept >= budget
+            if self.dropping:
+                self.part, self.is_stream = -1, False
+            elif self.dropped:
+                self._pieces.append(resume(self))
+                self._whole = False
+        self._frame_start(flags, length)
+        if not self.dropping or self.command:
+            self._pieces.append(raw)
+            self._kept += len(raw)
+        else:
+            self._whole = False
+        if not length:
+            self._frame_end()
+        return pos
+
+    def _greeting_ok(self) -> bool:
+        greeting = self.greeting
+        if len(greeting) >= 1 and greeting[0] != 0xFF:
+            return False
+        if len(greeting) >= 11 and greeting[10] < 3:  # ZMTP 1.0/2.0: another framing
+            return False
+        return len(greeting) < 16 or bytes(greeting[12:16]) == b"NULL"
+
+    def _read_header(self, data: bytes, pos: int) -> Any:
+        """(new position, (flags, length, header bytes) or None while the header is incomplete)."""
+        if not self.header and len(data) - pos >= 9:
+            flags = data[pos]
+            if flags & 2:
+                return pos + 9, (flags, int.from_bytes(data[pos + 1:pos + 9], "big"), data[pos:pos + 9])
+            return pos + 2, (flags, data[pos + 1], data[pos:pos + 2])
+        self.header.append(data[pos])
+        need = 9 if self.header[0] & 2 else 2
+        if len(self.header) < need:
+            return pos + 1, None
+        raw = bytes(self.header)
+        self.header.clear()
+        length = int.from_bytes(raw[1:], "big")
+        return pos + 1, (raw[0], length, raw)
+
+    def _frame_start(self, flags: int, length: int) -> None:
+        self.more = bool(flags & 1)
+        self.command = bool(flags & 4)
+        self.body_left = length
+        self.capture = None
+        if not self.dropping or self.command:
+            return
+        if self.part >= 0:
+            self.part += 1
+        wanted = length == len(DELIMITER) if self.part < 0 else (
+            self.part in (2, 3) or (self.part == 5 and self.is_stream))
+        if wanted and length <= CAPTURE_LIMIT:
+            self.capture = bytearray()
+
+    def _frame_end(self) -> None:
+        if self.command:
+            self.command = False
+            return
+        if self.dropping and self.capture is not None:
+            self._dropped_frame(bytes(self.capture))
+            self.capture = None
+        if self.more:
+            return
+        self.in_message = False
+        if self.dropping:
+            self.dropping = False
+            self.dropped += 1
+
+    def _dropped_frame(self, body: bytes) -> None:
+        if self.part < 0:
+            if body == DELIMITER:
+                self.part = 0
+        elif self.part == 2:
+            header = _json_object(body)
+            self.is_stream = header.get("msg_type") == "stream"
+            self.session = str(header.get("session") or self.session)
+        elif self.part == 3:
+            self.parent = body
+        elif self.part == 5:
+            text = _json_object(body).get("text")
+            self.lines += text.count("\n") if isinstance(text, str) else 0
+
+
+def _json_object(data: bytes) -> Dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def zmtp_message(frames: List[bytes]) -> bytes:
+    """ZMTP 3 frames of one message (what libzmq would put on the wire)."""
+    out = bytearray()
+    for index, body in enumerate(frames):
+        more = 1 if index < len(frames) - 1 else 0
+        if len(body) > 255:
+            out += bytes((more | 2,)) + len(body).to_bytes(8, "big")
+        else:
+            out += bytes((more, len(body)))
+        out += body
+    return bytes(out)
 
 
 class Agent:
@@ -80,6 +299,11 @@ class Agent:
         self.token = str(config["token"])
         self.grace = float(config.get("reconnect_grace", 300))
         self.startup_timeout = float(config.get("startup_timeout", 60))
+        self.output_backlog = int(config.get("output_backlog") or DEFAULT_OUTPUT_BACKLOG)
+        self.silence_limit = DEFAULT_SILENCE
+        self.outage_since: Optional[float] = None  # last byte from the launcher before a detach
+        self.outage_seconds: Optional[float] = None  # how long the last outage lasted
+        self.info_error = ""
         self.dir = ""
         self.kernel: Optional[KernelProcess] = None
         self.state = "starting"  # starting -> ready -> exiting -> exited
@@ -100,12 +324,16 @@ class Agent:
         self.last_rx = time.monotonic()
         self.last_ack = time.monotonic()
         self.listener: Optional[socket.socket] = None
-        self.candidates: Dict[socket.socket, P.FrameDecoder] = {}
+        self.accept_paused_until = 0.0
+        self.candidates: Dict[socket.socket, Candidate] = {}
+        self.watcher = P.Watcher()
         self.pipes: Dict[int, str] = {}
         self.tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.partial: Dict[int, bytes] = {}
         self.terminate_requested = False
         self.replaced = False  # a restart's new launcher took our place: nobody will reattach
+        self.confirmed = False  # a launcher acknowledged our frames: it knows this kernel
+        self.abandoned = False  # the uplink ended before that: nobody will reattach
         self.last_kernel_poll = 0.0
         # Reads land in buffers allocated once: os.read/recv of 256 KiB-1 MiB allocate and free
         # that much for every small message, ~12 us each (measured), on every hop of every reply.
@@ -127,8 +355,7 @@ class Agent:
                 self._adopt_kernel()
             except (AgentError, OSError) as exc:
                 self._fail_startup(str(exc))  # _cleanup stops the kernel
-        for frame in self.decoder.feed(started.leftover):
-            self._handle_frame(frame)
+        self._handle_uplink_bytes(started.leftover)
         try:
             while not self._finished():
                 self._step()
@@ -146,8 +373,11 @@ class Agent:
             os.set_blocking(fd, False)
             self.pipes[fd] = label
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(os.path.join(self.dir, AGENT_SOCKET))
-        self.listener.listen(4)
+        try:
+            self.listener.bind(os.path.join(self.dir, AGENT_SOCKET))
+        except OSError as exc:
+            raise AgentError(no_room_message(self.dir, exc)) from None
+        self.listener.listen(CANDIDATE_LIMIT)
         self.listener.setblocking(False)
         self._write_info()
 
@@ -165,8 +395,21 @@ class Agent:
             os.unlink(path + ".tmp")
         except OSError:
             pass
-        write_private(path + ".tmp", json.dumps(info).encode())
-        os.replace(path + ".tmp", path)
+        try:
+            write_private(path + ".tmp", json.dumps(info).encode())
+            os.replace(path + ".tmp", path)
+        except OSError as exc:  # a full /tmp (ENOSPC, EDQUOT), read-only (EROFS): a stale record
+            try:
+                os.unlink(path + ".tmp")
+            except OSError:
+                pass
+            error = "cannot update %s: %s; the kernel keeps running (ps/gc show an older state)" % (
+                path, exc.strerror or exc)
+            if error != self.info_error:  # once, not at every reattach
+                self._log(error)
+            self.info_error = error
+            return
+        self.info_error = ""
 
     def _fail_startup(self, message: str) -> None:
         self.state = "exited"
@@ -180,7 +423,7 @@ class Agent:
         # A replaced kernel's launcher is gone for good (SIGKILLed by a restart), so the EXITED
         # frame cannot be delivered: do not wait out the lease for it.
         # Nor when we were told to stop (SIGTERM from `gc` or the system): nobody waits for it.
-        return delivered or self.replaced or self.terminate_requested or self._lease_expired()
+        return delivered or self.replaced or self.abandoned or self.terminate_requested or self._lease_expired()
 
     def _lease_expired(self) -> bool:
         return time.monotonic() - self.last_rx > self.grace
@@ -189,16 +432,15 @@ class Agent:
 
     def _step(self) -> None:
         self._fill_wire()
-        readers, writers = self._interest()
+        self.watcher.update(self._interest())
         tick = STARTING_TICK if self.state == "starting" else LOOP_TICK
-        try:
-            readable, writable, _ = select.select(readers, writers, [], tick)
-        except InterruptedError:
-            readable, writable = [], []
-        for fd in writable:
-            self._on_writable(fd)
-        for fd in readable:
-            self._on_readable(fd)
+        events = self.watcher.wait(tick)
+        for obj, mask in events:
+            if mask & P.WRITABLE:
+                self._on_writable(obj)
+        for obj, mask in events:
+            if mask & P.READABLE:
+                self._on_readable(obj)
         self._timers()
         self._flush_uplink()
 
@@ -208,43 +450,56 @@ class Agent:
         if self.uplink_w is not None and self.wire:
             self._write_uplink()
 
-    def _interest(self) -> Any:
-        readers: List[Any] = list(self.pipes)
-        writers: List[Any] = []
-        if self.listener is not None:
-            readers.append(self.listener)
-        readers.extend(self.candidates)
+    def _interest(self) -> Dict[int, Any]:
+        """{fd: (object, events)} this round waits for (P.Watcher registers only the changes)."""
+        wanted: Dict[int, Any] = {fd: (fd, P.READABLE) for fd in self.pipes}
+        if self.listener is not None and time.monotonic() >= self.accept_paused_until:
+            wanted[self.listener.fileno()] = (self.listener, P.READABLE)
+        for sock in self.candidates:
+            wanted[sock.fileno()] = (sock, P.READABLE)
         if self.uplink_r is not None:
-            readers.append(self.uplink_r)
-            if self.wire:
-                writers.append(self.uplink_w)
+            # A socket uplink (after a reattach) is one descriptor for both directions.
+            uplink: Any = self.uplink_sock if self.uplink_sock is not None else self.uplink_r
+            wanted[self.uplink_r] = (uplink, P.READABLE)
+            if self.wire and self.uplink_w is not None:
+                if self.uplink_w == self.uplink_r:
+                    wanted[self.uplink_r] = (uplink, P.READABLE | P.WRITABLE)
+                else:
+                    wanted[self.uplink_w] = (self.uplink_w, P.WRITABLE)
         may_read = self.outbox.bulk_bytes < BULK_LIMIT and self.sender.unacked_bytes < P.UNACKED_LIMIT
         for stream in self.streams.values():
             if stream.sock is None:
                 continue
-            if may_read and not stream.peer_paused:
-                readers.append(stream.sock)
+            events = 0
+            # iopub is read whatever the uplink does: the backlog holds it or drops whole messages
+            if not stream.peer_paused and (may_read or (stream.framer is not None and not stream.framer.broken)):
+                events = P.READABLE
             if stream.outbuf:
-                writers.append(stream.sock)
-        return readers, writers
+                events |= P.WRITABLE
+            if events:
+                wanted[stream.sock.fileno()] = (stream.sock, events)
+        return wanted
 
-    def _on_readable(self, fd: Any) -> None:
-        if fd is self.listener:
+    def _on_readable(self, obj: Any) -> None:
+        if obj is self.listener:
             self._accept_candidate()
-        elif fd in self.candidates:
-            self._read_candidate(fd)
-        elif isinstance(fd, int) and fd in self.pipes:
-            self._read_pipe(fd)
-        elif fd == self.uplink_r and isinstance(fd, int):
-            self._read_uplink()
-        elif isinstance(fd, socket.socket):
-            self._read_stream(fd)
+        elif obj in self.candidates:
+            self._read_candidate(obj)
+        elif obj is self.uplink_sock or (isinstance(obj, int) and obj == self.uplink_r):
+            if self.uplink_r is not None:
+                self._read_uplink()
+        elif isinstance(obj, int):
+            if obj in self.pipes:
+                self._read_pipe(obj)
+        else:
+            self._read_stream(obj)
 
-    def _on_writable(self, fd: Any) -> None:
-        if isinstance(fd, int) and fd == self.uplink_w:
-            self._write_uplink()
-        elif isinstance(fd, socket.socket):
-            self._write_stream(fd)
+    def _on_writable(self, obj: Any) -> None:
+        if obj is self.uplink_sock or (isinstance(obj, int) and obj == self.uplink_w):
+            if self.uplink_w is not None:
+                self._write_uplink()
+        elif isinstance(obj, socket.socket):
+            self._write_stream(obj)
 
     def _timers(self) -> None:
         now = time.monotonic()
@@ -262,6 +517,11 @@ class Agent:
         if self.uplink_w is not None and self.receiver.ack_due(now - self.last_ack):
             self.wire += self.receiver.make_ack()
             self.last_ack = now
+        if self.uplink_r is not None and now - self.last_rx > self.silence_limit:
+            self._detach("no byte from the launcher for %.0f s: the link is silent" % (now - self.last_rx))
+        for candidate in [c for c in self.candidates.values() if now > c.deadline]:
+            self._drop_candidate(candidate.sock)
+        self._report_drops_at_boundaries()
 
     # ----------------------------------------------------------------------------- kernel
 
@@ -391,7 +651,12 @@ class Agent:
             sock.connect(os.path.join(self.dir, "k-%d" % P.IPC_PORTS[stream.channel]))
         except OSError as exc:
             sock.close()
-            self._log("cannot connect to the kernel's %s socket: %s" % (stream.channel, exc))
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                # The kernel closed its sockets: it is exiting (a client reconnecting during a
+                # normal shutdown). Not news; the exit itself is reported when it is seen.
+                self.last_kernel_poll = 0.0
+            else:
+                self._log("cannot connect to the kernel's %s socket: %s" % (stream.channel, exc))
             self._drop_stream(stream, tell_peer=True)
             return
         sock.setblocking(False)
@@ -413,10 +678,14 @@ class Agent:
             return
         except OSError:
             data = b""
-        if data:
-            self.outbox.put(P.DATA, stream.sid, data)
-        else:
+        if not data:
             self._drop_stream(stream, tell_peer=True)
+            return
+        if stream.framer is not None:
+            data = stream.framer.feed(data, self.output_backlog - self._backlog(), self._drop_notice)
+            if not data:
+                return
+        self.outbox.put(P.DATA, stream.sid, data)
 
     def _write_stream(self, sock: socket.socket) -> None:
         stream = self._stream_by_sock(sock)
@@ -483,10 +752,20 @@ class Agent:
             self._detach("the launcher's SSH session ended")
             return
         self.last_rx = time.monotonic()
-        for frame in self.decoder.feed(data):
-            self._handle_frame(frame)
+        self._handle_uplink_bytes(data)
+
+    def _handle_uplink_bytes(self, data: bytes) -> None:
+        """Frames from the launcher. A corrupt stream ends this connection, never the agent (nor
+        the kernel): the launcher reattaches and both ends re-send what the other lacks."""
+        try:
+            for frame in self.decoder.feed(data):
+                self._handle_frame(frame)
+        except (P.ProtocolError, ValueError, RecursionError) as exc:
+            self._detach("the launcher's stream is corrupt (%s)" % exc)
 
     def _detach(self, why: str) -> None:
+        if self.uplink_r is not None and self.outage_since is None:
+            self.outage_since = self.last_rx
         if self.uplink_sock is not None:
             self.uplink_sock.close()
         else:
@@ -502,15 +781,22 @@ class Agent:
         self.decoder.reset()
         self.detached_wall = time.time()
         self._write_info()
-        if self.state != "exited":
+        if not self.confirmed:
+            # The launcher never acknowledged anything we sent (READY included): it gave up on this
+            # start (startup_timeout, a killed launcher) and has no record to reattach with.
+            self.abandoned = True
+            self._stop_kernel("the launcher left before the kernel was ready")
+        elif self.state != "exited":
             self._log("%s; keeping the kernel for up to %.0f s (reconnect_grace)" % (why, self.grace))
 
     def _handle_frame(self, frame: P.Frame) -> None:
         kind, sid, seq, payload = frame
         if kind in P.LINK_FRAMES:
             self.sender.acknowledge(seq)
+            self.confirmed = self.confirmed or seq > 0
             if kind == P.PING:
                 self.wire += P.encode(P.PONG, 0, self.receiver.received)
+                self._set_silence_limit(payload)
             return
         if not self.receiver.accept(seq, len(payload)):
             return
@@ -544,6 +830,15 @@ class Agent:
             stream.we_paused = True
             self.outbox.put(P.PAUSE, sid)
 
+    def _set_silence_limit(self, payload: bytes) -> None:
+        """The launcher's PING names its own liveness deadline (seconds): we use the same."""
+        try:
+            limit = float(payload)
+        except ValueError:
+            return
+        if not math.isnan(limit):
+            self.silence_limit = min(max(limit, SILENCE_BOUNDS[0]), SILENCE_BOUNDS[1])
+
     def _on_signal(self, signum: int) -> None:
         if signum not in [int(s) for s in ALLOWED_SIGNALS]:
             self._log("refusing to send signal %d" % signum)
@@ -556,59 +851,140 @@ class Agent:
         assert self.listener is not None
         try:
             sock, _ = self.listener.accept()
-        except OSError:
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            # Out of descriptors (EMFILE, ENFILE) or memory: the connection left pending keeps
+            # the listener readable, so stop accepting for a moment instead of spinning.
+            self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+            return
+        if len(self.candidates) >= CANDIDATE_LIMIT:
+            self._drop_candidate(next(iter(self.candidates)))  # the oldest: a real launcher is quick
         sock.setblocking(False)
-        self.candidates[sock] = P.FrameDecoder()
+        self.candidates[sock] = Candidate(sock, time.monotonic() + CANDIDATE_TIMEOUT)
+
+    def _drop_candidate(self, sock: socket.socket) -> None:
+        self.candidates.pop(sock, None)
+        sock.close()
 
     def _read_candidate(self, sock: socket.socket) -> None:
-        decoder = self.candidates[sock]
+        candidate = self.candidates[sock]
         try:
             data = sock.recv(READ_CHUNK)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        try:
-            frames = decoder.feed(data) if data else None
-        except P.ProtocolError:
-            frames = None
-        if not frames:
-            if frames is None:
-                del self.candidates[sock]
-                sock.close()
+        if not data:
+            self._drop_candidate(sock)
             return
-        del self.candidates[sock]
-        kind, _, acked, payload = frames[0]
-        fields = P.decode_json(payload) if kind == P.HELLO else {}
+        candidate.buffer += data
+        try:
+            hello = parse_hello(candidate.buffer)
+        except (ValueError, RecursionError):  # garbage, a huge length, not a JSON object...
+            self._drop_candidate(sock)
+            return
+        if hello is None:
+            return
+        fields, acked, rest = hello
         import hmac  # here, not at the top: ~2.5 ms (OpenSSL) of every start, used only on reattach
 
-        if not hmac.compare_digest(str(fields.get("token", "")), self.token):
-            sock.close()
+        if not hmac.compare_digest(fields["token"].encode(), self.token.encode()):
+            self._drop_candidate(sock)
             return
+        del self.candidates[sock]
         if fields.get("kill"):
             self.replaced = True
             self._stop_kernel("stopped by a new launcher that took this kernel's place")
             sock.close()
             return
-        self._adopt_uplink(sock, decoder, acked, frames[1:])
+        self._adopt_uplink(sock, acked, rest)
 
-    def _adopt_uplink(self, sock: socket.socket, decoder: P.FrameDecoder, acked: int, rest: List[P.Frame]) -> None:
+    def _adopt_uplink(self, sock: socket.socket, acked: int, rest: bytes) -> None:
         if self.uplink_r is not None:
             self._detach("a new launcher connection replaced the old one")
         self.uplink_sock = sock
         self.uplink_r = self.uplink_w = sock.fileno()
-        self.decoder = decoder
+        self.decoder = P.FrameDecoder()
         self.last_rx = time.monotonic()
+        if self.outage_since is not None:
+            self.outage_seconds = self.last_rx - self.outage_since
+            self.outage_since = None
         self.sender.acknowledge(acked)
-        self.wire += P.hello({"state": self.state, "dir": self.dir}, self.receiver.received)
+        self.wire += P.hello(self._hello_fields(), self.receiver.received)
         for wire in self.sender.unacknowledged():
             self.wire += wire
         self.detached_wall = None
         self._write_info()
         self._log("launcher reattached; re-sending %d bytes" % self.sender.unacked_bytes)
-        for frame in rest:
-            self._handle_frame(frame)
+        self._handle_uplink_bytes(rest)
+
+    def _hello_fields(self) -> Dict[str, Any]:
+        """Our HELLO on a reattach: with what was dropped meanwhile, so the launcher says
+        "nothing was lost" only when that is true."""
+        framers = [s.framer for s in self.streams.values() if s.framer is not None]
+        return {
+            "state": self.state, "dir": self.dir,
+            "dropped_messages": max([f.dropped for f in framers] or [0]),
+            "dropped_lines": max([f.lines for f in framers] or [0]),
+            "dropping": self._backlog() >= self.output_backlog,
+            "output_backlog": self.output_backlog, "outage": self.outage_seconds,
+        }
+
+    # ----------------------------------------------------------------------------- dropped output
+
+    def _backlog(self) -> int:
+        """Bytes read from the kernel that the launcher has not acknowledged."""
+        return self.sender.unacked_bytes + self.outbox.bulk_bytes
+
+    def _report_drops_at_boundaries(self) -> None:
+        """A run of dropped messages that no kept message has ended yet (the output stopped):
+        reported once the backlog has room again, between two messages."""
+        if self._backlog() >= self.output_backlog:
+            return
+        for stream in self.streams.values():
+            framer = stream.framer
+            if framer is not None and framer.dropped and framer.at_boundary():
+                self.outbox.put(P.DATA, stream.sid, self._drop_notice(framer))
+
+    def _drop_notice(self, framer: IopubFramer) -> bytes:
+        """The ZMTP bytes of a signed ``stream`` message saying what was dropped just before it
+        (parent: the last dropped message's, so it shows under the same cell), and a LOG."""
+        text = "[remote-kernel] %s lines of output (%s messages) were dropped %s (output_backlog is %s)\n" % (
+            format(framer.lines, ","), format(framer.dropped, ","), self._drop_cause(),
+            _size(self.output_backlog))
+        framer.dropped = framer.lines = 0
+        if self.state != "exited":
+            self.outbox.put(P.LOG, 0, text.strip().encode())  # no "agent: ": the launcher warns
+        return zmtp_message(self._stream_message(framer, text))
+
+    def _drop_cause(self) -> str:
+        if self.outage_since is not None:
+            return "during an outage (%.0f s so far)" % (time.monotonic() - self.outage_since)
+        if self.outage_seconds is not None:
+            return "during a %.0f s outage" % self.outage_seconds
+        return "because the connection was too slow for it"
+
+    def _stream_message(self, framer: IopubFramer, text: str) -> List[bytes]:
+        """The frames of an iopub stream message, signed with the kernel's key as the kernel would."""
+        import hmac  # only when output was dropped
+
+        now = time.time()
+        header = json.dumps({
+            "msg_id": os.urandom(16).hex(), "msg_type": "stream", "username": "remote-kernel",
+            "session": framer.session or os.urandom(16).hex(), "version": "5.3",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int(now % 1 * 1e6),
+        }).encode()
+        parts = [header, framer.parent, b"{}", json.dumps({"name": "stderr", "text": text}).encode()]
+        key = str(self.config.get("key") or "").encode()
+        signature = b""
+        if key:
+            scheme = str(self.config.get("signature_scheme") or "hmac-sha256")
+            mac = hmac.new(key, digestmod=scheme.split("-", 1)[-1])
+            for part in parts:
+                mac.update(part)
+            signature = mac.hexdigest().encode()
+        return [b"stream.stderr", DELIMITER, signature, *parts]
 
     # ----------------------------------------------------------------------------- cleanup
 
@@ -678,32 +1054,54 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------------------------------ listing
 
 
-def list_agents() -> List[Dict[str, Any]]:
-    """Our kernel directories on this host, for `remote-kernel ps` / `gc`."""
-    base = base_dir()
+def list_agents(runtime_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Our kernel directories on this host, for `remote-kernel ps` / `gc`: under ``runtime_dir``
+    (the entry's config key) and under the default temporary directory (kernels started before
+    runtime_dir was set)."""
     found = []
-    for name in sorted(os.listdir(base)):
-        path = os.path.join(base, name)
-        info: Dict[str, Any] = {"dir": path}
-        try:
-            with open(os.path.join(path, AGENT_INFO)) as handle:
-                info.update(json.load(handle))
-        except (OSError, ValueError):
-            info["stale"] = True
-        pid = info.get("agent_pid")
-        info["alive"] = pid is not None and _is_agent(int(pid))
-        found.append(info)
+    for base in _bases(runtime_dir):
+        for name in sorted(os.listdir(base)):
+            found.append(_agent_info(os.path.join(base, name)))
     return found
+
+
+def _bases(runtime_dir: Optional[str]) -> List[str]:
+    bases: List[str] = []
+    for choice in ([runtime_dir] if runtime_dir else []) + [None]:
+        try:
+            path = os.path.realpath(base_path(choice))
+        except AgentError:
+            continue  # e.g. runtime_dir names a variable this host does not set
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        private = (info.st_mode & 0o170000) == 0o040000 and info.st_uid == os.getuid() and not info.st_mode & 0o077
+        if private and path not in bases:
+            bases.append(path)
+    return bases
+
+
+def _agent_info(path: str) -> Dict[str, Any]:
+    info: Dict[str, Any] = {"dir": path}
+    try:
+        with open(os.path.join(path, AGENT_INFO)) as handle:
+            info.update(json.load(handle))
+    except (OSError, ValueError):
+        info["stale"] = True
+    pid = info.get("agent_pid")
+    info["alive"] = pid is not None and _is_agent(int(pid))
+    return info
 
 
 STALE_MIN_AGE = 60.0  # never touch a directory younger than this: its agent may be starting
 
 
-def collect_garbage(dry_run: bool) -> List[Dict[str, Any]]:
+def collect_garbage(dry_run: bool, runtime_dir: Optional[str] = None) -> List[Dict[str, Any]]:
     """Remove directories whose agent is gone; stop agents orphaned well past their lease."""
     actions = []
     now = time.time()
-    for info in list_agents():
+    for info in list_agents(runtime_dir):
         path = info["dir"]
         try:
             age = now - os.lstat(path).st_mtime
@@ -751,11 +1149,33 @@ def main(started: Started) -> int:
     if mode == "attach":
         return splice(str(config["dir"]), started.leftover)
     if mode == "list":
-        sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents()}) + "\n")
+        sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents(config.get("runtime_dir"))}) + "\n")
         return 0
     if mode == "gc":
-        actions = collect_garbage(bool(config.get("dry_run")))
+        actions = collect_garbage(bool(config.get("dry_run")), config.get("runtime_dir"))
         sys.stdout.write(json.dumps({"now": time.time(), "actions": actions}) + "\n")
         return 0
     sys.stderr.write("remote-kernel: unknown mode %r\n" % mode)
     return 2
+
+
+def parse_hello(buffer: bytearray) -> Optional[Any]:
+    """(fields, acknowledged seq, the bytes after it) once a whole HELLO is in ``buffer``, None
+    until then. ValueError (or RecursionError: deeply nested JSON) for anything else: another
+    frame first, a payload over HELLO_LIMIT, not UTF-8 JSON, not an object with a string token."""
+    if len(buffer) < P.HEADER.size:
+        return None
+    kind, _sid, acked, length = P.HEADER.unpack_from(buffer)
+    if kind != P.HELLO or length > HELLO_LIMIT:
+        raise ValueError("not a HELLO of at most %d bytes" % HELLO_LIMIT)
+    end = P.HEADER.size + length
+    if len(buffer) < end:
+        return None
+    fields = json.loads(bytes(buffer[P.HEADER.size:end]).decode("utf-8"))
+    if not isinstance(fields, dict) or not isinstance(fields.get("token"), str):
+        raise ValueError("a HELLO must be a JSON object with a string token")  # noqa: TRY004 - one error kind for the caller
+    return fields, acked, bytes(buffer[end:])
+
+
+def _size(count: int) -> str:
+    return "%g MiB" % (count / 1048576.0) if count >= 1048576 else "%d bytes" % count

@@ -5,8 +5,9 @@ anything else the agent needs: this module is compiled and run first, with the f
 (os, sys, struct, marshal; the agent's full set costs ~20 ms more on a small machine, json alone
 ~5 ms, compiling the agent ~6 ms), then hands the running kernel to agent.py, which sets up
 everything else while the kernel imports. It reads the session's BOOT frame, and in ``start`` mode
-- makes a private 0700 directory under /tmp/remote-kernel-<uid>/ (refusing a base directory that
-  is not ours and private), and writes the kernel's 0600 connection file there, IPC endpoints;
+- makes a private 0700 directory under /tmp/remote-kernel-<uid>/, or <runtime_dir>/remote-kernel-<uid>/
+  (refusing a base directory that is not ours and private), and writes the kernel's 0600 connection
+  file there, IPC endpoints;
 - stops the kernel a ``restart(now=True)`` left behind (its agent's socket, the token proves it);
 - starts the kernel as the leader of its own session with JPY_PARENT_PID set to us.
 """
@@ -93,16 +94,46 @@ def temp_root() -> str:
     return os.getcwd()
 
 
-def base_dir() -> str:
-    """/tmp/remote-kernel-<uid>: must be ours and private, or we refuse to use it."""
-    root = temp_root()
+def base_path(runtime_dir: Optional[str] = None) -> str:
+    """<root>/remote-kernel-<uid>, not created: root is ``runtime_dir`` (the config key, with
+    ``~`` and ``$VARS`` expanded here, on the remote host) or the temporary directory."""
+    if runtime_dir:
+        root = expand_runtime_dir(runtime_dir)
+    else:
+        root = temp_root()
+        if len(root) > MAX_BASE_LENGTH:
+            root = "/tmp"
+    return os.path.join(root, BASE_PREFIX + str(os.getuid()))
+
+
+def expand_runtime_dir(value: str) -> str:
+    root = os.path.expandvars(os.path.expanduser(value))
+    if "$" in root:
+        raise AgentError("runtime_dir %r: %s is not set on this host; set runtime_dir to a directory "
+                         "that exists here" % (value, root[root.index("$"):].split("/")[0]))
+    if not os.path.isabs(root):
+        raise AgentError("runtime_dir %r is %r here, not an absolute path; use an absolute path, "
+                         "~/... or $VAR/..." % (value, root))
+    root = os.path.normpath(root)
     if len(root) > MAX_BASE_LENGTH:
-        root = "/tmp"
-    path = os.path.join(root, BASE_PREFIX + str(os.getuid()))
+        # ipc://<root>/remote-kernel-<uid>/k-XXXXXXXX/k-N must fit in a Unix socket path (~107 bytes)
+        raise AgentError("runtime_dir %r is %s here, %d characters long: kernel socket paths must fit in "
+                         "107 bytes, so it may be at most %d; choose a shorter directory (or a symlink "
+                         "to it)" % (value, root, len(root), MAX_BASE_LENGTH))
+    return root
+
+
+def base_dir(runtime_dir: Optional[str] = None) -> str:
+    """The base of our kernel directories: must be ours and private, or we refuse to use it."""
+    path = base_path(runtime_dir)
     try:
+        if runtime_dir:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
+    except OSError as exc:
+        raise AgentError(no_room_message(path, exc)) from None
     info = os.lstat(path)
     if (info.st_mode & 0o170000) != 0o040000 or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise AgentError(
@@ -112,20 +143,39 @@ def base_dir() -> str:
     return path
 
 
+def no_room_message(path: str, exc: OSError) -> str:
+    """What to do when the kernel's files cannot be written (a full or read-only /tmp)."""
+    return ("cannot write the kernel's files in %s: %s. Free space there, or set runtime_dir in the "
+            "kernel's config to a directory with room (e.g. \"$XDG_RUNTIME_DIR\" or a node-local "
+            "scratch)" % (path, exc.strerror or exc))
+
+
 def is_our_dir(path: str) -> bool:
+    """A k-* directory inside a private remote-kernel-<uid> directory of ours, wherever its base is
+    (the default temporary directory or a runtime_dir): told by its shape, not by configuration,
+    so reattaching and stopping need no config."""
     real = os.path.realpath(path)
-    return os.path.dirname(real) == os.path.realpath(base_dir()) and os.path.basename(real).startswith("k-")
+    parent = os.path.dirname(real)
+    if not os.path.basename(real).startswith("k-") or os.path.basename(parent) != BASE_PREFIX + str(os.getuid()):
+        return False
+    try:
+        info = os.lstat(parent)
+    except OSError:
+        return False
+    return (info.st_mode & 0o170000) == 0o040000 and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
-def make_private_dir() -> str:
+def make_private_dir(runtime_dir: Optional[str] = None) -> str:
     """A new k-XXXXXXXX directory, 0700 (tempfile.mkdtemp's guarantee: created by us, new)."""
-    base = base_dir()
+    base = base_dir(runtime_dir)
     for _ in range(100):
         path = os.path.join(base, "k-" + os.urandom(4).hex())
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise AgentError(no_room_message(base, exc)) from None
         os.chmod(path, 0o700)  # whatever the umask
         return path
     raise AgentError("could not create a kernel directory in %s" % base)
@@ -251,8 +301,11 @@ def _default_signals() -> None:
 def start_kernel(started: Started) -> None:
     config = started.config
     stop_previous(config.get("replace"))
-    started.dir = make_private_dir()
-    connection_file = write_connection_file(started.dir, config)
+    started.dir = make_private_dir(config.get("runtime_dir"))
+    try:
+        connection_file = write_connection_file(started.dir, config)
+    except OSError as exc:
+        raise AgentError(no_room_message(started.dir, exc)) from None
     replace = {"{python}": sys.executable, "{connection_file}": connection_file}
     argv = [replace.get(arg, arg) for arg in config["argv"]]
     env = dict(os.environ)
