@@ -25,6 +25,7 @@ from remote_kernel import protocol as P
 from remote_kernel.entry import KernelEntry
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("remote_kernel.progress")  # console.PROGRESS_LOGGER
 
 AGENT_MARKER = "remote-kernel-agent"
 CWD_FAILED_EXIT = 97
@@ -115,16 +116,19 @@ SETUP_DONE = "remote-kernel: setup done"  # the launcher's cue that the setup li
 SETUP_TIMEOUT_NOTE = "remote-kernel: setup lines still running after"
 
 
-def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = True) -> RemoteCommand:
+def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = True,
+                   setup_budget: float | None = None) -> RemoteCommand:
     """The exec request and the script it runs: ``cd`` to cwd, the setup lines (no stdin of
-    ours, bounded by startup_timeout), then exec the agent's bootstrap."""
+    ours, stopped after ``setup_budget`` seconds, default startup_timeout), then exec the agent's
+    bootstrap."""
     lines: list[str] = []
     if with_cwd and entry.cwd:
         target = shell_word(entry.cwd)
         message = shlex.quote(f"remote-kernel: cannot change to the working directory {entry.cwd!r} (cwd)")
         lines.append(f"cd -- {target} || {{ echo {message} >&2; exit {CWD_FAILED_EXIT}; }}")
     if entry.setup and with_cwd:
-        lines.extend(_bounded_setup(entry.setup, entry.startup_timeout))
+        budget = entry.startup_timeout if setup_budget is None else setup_budget
+        lines.extend(_bounded_setup(entry.setup, budget))
     # -S: the agent needs only the standard library, and a site-packages with many .pth files
     # (conda) can take longer than the agent itself (the kernel is started without -S).
     lines.append(f"exec {shell_word(entry.python)} -S -c {shlex.quote(BOOTSTRAP)} {payload_size}")
@@ -171,9 +175,14 @@ def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
     from remote_kernel import ssh  # paramiko is imported only when we really connect
 
     began = time.monotonic()
+    if start:
+        via = " via " + " -> ".join(hop.name for hop in entry.host.proxy_jump) if entry.host.proxy_jump else ""
+        progress.info("connecting to %s%s", entry.host.label, via)
     conn = ssh.connect(entry.host)
     connected = time.monotonic()
-    command = remote_command(entry, payload_size=len(agent_payload()), with_cwd=start)
+    # startup_timeout bounds the whole start: the setup lines get what connecting left of it.
+    budget = entry.startup_timeout - (connected - began)
+    command = remote_command(entry, payload_size=len(agent_payload()), with_cwd=start, setup_budget=budget)
     try:
         channel = conn.open_exec(command.exec)
         channel.sendall(command.script)
@@ -181,6 +190,6 @@ def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
     except BaseException:
         conn.close()
         raise
-    log.info("connected to %s in %.3f s; remote command started in %.3f s",
-             entry.host.label, connected - began, time.monotonic() - connected)
+    (progress if start else log).info("connected to %s in %.2f s; remote command started in %.2f s",
+                                      entry.host.label, connected - began, time.monotonic() - connected)
     return conn, channel

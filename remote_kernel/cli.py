@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
 }
 # The v1.1 form `python -m remote_kernel -t host ...` runs this hidden command.
 ADHOC_COMMAND = "run-target"
+LAUNCH_COMMANDS = frozenset(("start", "from-spec", ADHOC_COMMAND))
 ADHOC_MODULE = "adhoc_cmd"
 _ADHOC_FLAGS = ("-t", "--target")
 
@@ -157,8 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from remote_kernel import console
 
     explicit = bool(args.verbose or args.quiet)
-    console.setup_logging(args.verbose - args.quiet,
-                          default_level=None if explicit else console.level_from_environment())
+    default_level = None if explicit else console.level_from_environment()
+    if default_level is None and not explicit and args.command in LAUNCH_COMMANDS:
+        # A launch says what it does by default: connected, kernel pid, ready in N s (under Jupyter
+        # these lines land in the server log with the time and the kernel's name).
+        default_level = logging.INFO
+    console.setup_logging(args.verbose - args.quiet, default_level=default_level)
     return _run_command(args)
 
 

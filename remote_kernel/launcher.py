@@ -34,6 +34,7 @@ from remote_kernel.tunnel import IDLE_PING, Event, Tunnel
 
 log = logging.getLogger(__name__)
 remote_log = logging.getLogger("remote_kernel.remote")
+progress = logging.getLogger("remote_kernel.progress")  # console.PROGRESS_LOGGER: the steps of a start
 
 AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the agent to end
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
@@ -129,7 +130,7 @@ class Launcher:
         keepalive = self.entry.host.keepalive or DEFAULT_PING
         ping = max(0.5, min(IDLE_PING, keepalive, self.entry.reconnect_grace / 3))
         self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
-        log.info("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
+        log.debug("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
 
     def _default_connection_path(self) -> Path:
         return connection.default_connection_file(self.runtime_dir or _jupyter_runtime_dir(), self.entry.host)
@@ -172,6 +173,10 @@ class Launcher:
             raise
         self._tunnel.attach(channel)
         self._tunnel.start()
+        if self.entry.setup:
+            progress.info("running %d setup line%s", len(self.entry.setup), "s" if len(self.entry.setup) > 1 else "")
+        else:
+            progress.info("starting the kernel (%s)", self.entry.python)
 
     def _attach_remote(self) -> None:
         channel = self._open_session(start=False)
@@ -260,9 +265,8 @@ class Launcher:
         if self.state.phase == "starting":
             self.state.phase = "running"
         self._write_state_file()
-        log.info("kernel ready on %s: pid %s, remote Python %s, %.3f s after launch",
-                 self.entry.host.label, data.get("kernel_pid"), data.get("python"),
-                 time.monotonic() - self.started)
+        progress.info("ready in %.1f s: kernel pid %s on %s, Python %s", time.monotonic() - self.started,
+                      data.get("kernel_pid"), self.entry.host.label, data.get("python"), extra={"final": True})
         if self.announce and self.connection_path:
             self.announce(self.connection_path, self.entry)
 
@@ -278,7 +282,7 @@ class Launcher:
         for line in str(event.data).splitlines():
             if line.strip() == bootstrap.SETUP_DONE:
                 self.state.setup_done = True
-                log.info("setup lines done after %.1f s; starting the kernel", time.monotonic() - self.started)
+                progress.info("setup done after %.1f s; starting the kernel", time.monotonic() - self.started)
             elif line.strip():
                 self.state.setup_timed_out |= line.startswith(bootstrap.SETUP_TIMEOUT_NOTE)
                 self._remote_line(line)

@@ -789,7 +789,7 @@ def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
                 raise
             report.problems.append(f"{label}: {exc}")
             continue
-        log.info("authenticated to %s as %s with public key %s", hop.address, hop.user, label)
+        log.debug("authenticated to %s as %s with public key %s", hop.address, hop.user, label)
         if remaining and not _interactive_auth(transport, hop, remaining):
             raise _auth_error(hop, report, remaining)
         return
@@ -836,7 +836,7 @@ def _interactive_auth(transport: paramiko.Transport, hop: ResolvedHost, allowed:
             return False
     except paramiko.AuthenticationException:
         return False
-    log.info("authenticated to %s as %s interactively", hop.address, hop.user)
+    log.debug("authenticated to %s as %s interactively", hop.address, hop.user)
     return not remaining or _interactive_auth(transport, hop, remaining)
 
 
@@ -983,7 +983,7 @@ def connect(host: HostEntry | ResolvedHost, *, timeout: float = 15.0) -> SSHConn
     each hop verified)."""
     resolved = host if isinstance(host, ResolvedHost) else resolve_host(host)
     hops = hop_chain(resolved)
-    log.info(
+    log.debug(
         "%s resolved to %s (keys: %s; known_hosts: %s)",
         resolved.alias,
         resolved.describe(),

@@ -4,16 +4,25 @@ remote host when a start fails. Real sshd, real ipykernel, the real launcher as 
 
 from __future__ import annotations
 
+import os
+import pty
+import re
 import secrets
+import select
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import IsolatedEnv
 from launch_helpers import (
+    connect_client,
     execute,
     kernel_entry,
     kernel_facts,
+    launched_cli,
     remote_agents,
     run_cli,
     started_kernel,
@@ -135,3 +144,92 @@ def test_a_kernel_that_fails_prints_its_stderr_once_and_caps_a_long_one(
     assert str(log_file) in stderr, stderr
     assert "usage line 70" in log_file.read_text()
     assert log_file.stat().st_mode & 0o777 == 0o600
+
+
+# --- what a start says while it works --------------------------------------------------------------
+
+
+def test_under_jupyter_a_start_logs_its_steps_with_time_and_kernel_name_without_v(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    entry = kernel_entry(sshd, remote_python, "says-steps", setup=["true"])
+    write_spec(entry)
+    with launched_cli(["from-spec", entry.name, "-f", str(tmp_path / "k.json")],
+                      stderr_path=tmp_path / "stderr.txt") as launcher:
+        assert wait_until(lambda: "ready in" in launcher.stderr, timeout=60), launcher.stderr
+    lines = launcher.stderr.splitlines()
+    steps = [line for line in lines if " INFO " in line and "[says-steps]" in line]
+    texts = " | ".join(steps)
+    for step in ("connecting to", "connected to", "running 1 setup line", "setup done after", "ready in"):
+        assert step in texts, texts
+    assert re.search(r"^\d\d:\d\d:\d\d INFO +\[says-steps\] ready in [\d.]+ s: kernel pid \d+", launcher.stderr, re.M)
+
+
+def test_remote_kernel_log_warning_keeps_a_start_quiet(sshd: SSHServer, remote_python: Path, tmp_path: Path) -> None:
+    entry = kernel_entry(sshd, remote_python, "quiet-start")
+    write_spec(entry)
+    env = {**os.environ, "REMOTE_KERNEL_LOG": "warning"}
+    launcher = launch_cli_env(["from-spec", entry.name, "-f", str(tmp_path / "k.json")], tmp_path / "err.txt", env)
+    try:
+        assert wait_until(lambda: (tmp_path / "k.json").exists() and _kernel_answers(tmp_path / "k.json"),
+                          timeout=60)
+    finally:
+        launcher.terminate()
+        launcher.wait(timeout=20)
+    assert " INFO " not in (tmp_path / "err.txt").read_text()
+
+
+def test_on_a_terminal_a_start_shows_one_status_line_and_prints_ready(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    entry = kernel_entry(sshd, remote_python, "tty-start", setup=["sleep 2"])
+    write_spec(entry)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the launcher on a terminal
+        argv = [sys.executable, "-m", "remote_kernel", "from-spec", entry.name, "-f", str(tmp_path / "k.json")]
+        os.execvpe(sys.executable, argv, {**os.environ, "TERM": "xterm"})  # noqa: S606 - our own argv
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"ready in" not in output and time.monotonic() < deadline:
+            readable, _, _ = select.select([fd], [], [], 0.5)
+            if readable:
+                try:
+                    output += os.read(fd, 65536)
+                except OSError:
+                    break
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    text = output.decode(errors="replace")
+    assert "[tty-start] running 1 setup line (1 s)" in text, text  # the status line counts seconds
+    assert "[tty-start] ready in" in text, text
+    assert " INFO " not in text  # steps are the status line, not log lines
+
+
+def test_a_failed_start_under_jupyter_names_the_time_and_kernel_in_its_error(
+    sshd: SSHServer, python_without_ipykernel: Path, tmp_path: Path
+) -> None:
+    entry = kernel_entry(sshd, python_without_ipykernel, "no-ipykernel")
+    write_spec(entry)
+    _, stderr, code = _launch_and_fail(entry.name, tmp_path, timeout=60)
+    assert code == 1
+    error_line = r"^\d\d:\d\d:\d\d ERROR +\[no-ipykernel\] remote-kernel: error: cannot start kernel"
+    assert re.search(error_line, stderr, re.M), stderr
+    assert stderr.count("No module named ipykernel") == 1, stderr
+
+
+def launch_cli_env(args: list[str], stderr_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with stderr_path.open("w") as err:
+        return subprocess.Popen([sys.executable, "-m", "remote_kernel", *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+
+
+def _kernel_answers(connection_file: Path) -> bool:
+    try:
+        kc = connect_client(connection_file, ready_timeout=10)
+    except Exception:  # not up yet
+        return False
+    kc.stop_channels()
+    return True
