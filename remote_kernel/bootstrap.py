@@ -193,3 +193,67 @@ def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
     (progress if start else log).info("connected to %s in %.2f s; remote command started in %.2f s",
                                       entry.host.label, connected - began, time.monotonic() - connected)
     return conn, channel
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    """What a stdlib program run on the remote host printed, and how it ended."""
+
+    stdout: bytes
+    stderr: bytes
+    exit_status: int | None  # None: it did not end within the timeout (it was stopped)
+
+
+def run_program(conn: Any, entry: KernelEntry, source: str, *, request: Any = None,
+                timeout: float = 30.0) -> ProgramResult:
+    """Run standard-library Python ``source`` on the remote host through the same dispatcher,
+    ``cd``/``setup`` script and bootstrap as a kernel start (so it sees what the kernel would
+    see), with the entry's ``python``. ``request`` (marshal-able data) is readable by the program
+    as ``REQUEST``; it travels on stdin, never in argv. ``timeout`` bounds the whole run; a
+    program still running then is stopped by closing its channel."""
+    body = f"REQUEST = __import__('marshal').loads({marshal.dumps(request, P.BOOT_MARSHAL_VERSION)!r})\n{source}"
+    payload = zlib.compress(body.encode("utf-8"), 6)
+    command = remote_command(entry, payload_size=len(payload), setup_budget=timeout)
+    channel = conn.open_exec(command.exec)
+    try:
+        channel.sendall(command.script + payload)
+        channel.shutdown_write()
+        return _collect(channel, time.monotonic() + timeout)
+    finally:
+        channel.close()
+
+
+def _collect(channel: Any, deadline: float) -> ProgramResult:
+    out, err = bytearray(), bytearray()
+    channel.set_blocking(False)
+    while time.monotonic() < deadline:
+        progressed = False
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+            progressed = True
+        try:
+            chunk = channel.recv(65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk == b"":
+            break
+        if chunk:
+            out += chunk
+            progressed = True
+        if not progressed:
+            time.sleep(0.02)
+    else:
+        return ProgramResult(bytes(out), bytes(err), None)
+    while channel.recv_stderr_ready():
+        err += channel.recv_stderr(65536)
+    return ProgramResult(bytes(out), bytes(err), _exit_status(channel, deadline))
+
+
+def _exit_status(channel: Any, deadline: float) -> int | None:
+    """sshd may send the exit status just after EOF (or before it): wait for it, bounded."""
+    status: int | None = channel.exit_status()
+    limit = min(deadline, time.monotonic() + 2.0)
+    while status is None and time.monotonic() < limit:
+        time.sleep(0.02)
+        status = channel.exit_status()
+    return status
