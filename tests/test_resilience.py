@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blackhole import Blackhole
 from jupyter_client.manager import KernelManager
 from launch_helpers import (
     KernelFacts,
@@ -276,3 +278,108 @@ def test_a_launcher_that_cannot_reach_its_host_fails_fast_with_the_host_named(
         assert launcher.wait(timeout=30) == 1
         assert f"{server.host}:{server.port}" in launcher.stderr
 
+
+
+# ----------------------------------------------------------------------------------- silent outages
+# (issue 16 item 5, issue 12 item 6) A userspace proxy between the launcher and sshd stops
+# forwarding without closing anything: no reset, no EOF, only silence.
+
+OUTAGE = 15.0  # seconds of silence: longer than the liveness floor (10 s), so both ends notice
+LINE = "line {:09d} " + "x" * 80 + "\n"  # 96 bytes
+PRINTING_CELL = """
+import sys, time
+n, start = 0, time.monotonic()
+while time.monotonic() - start < {seconds}:
+    sys.stdout.write("".join({line!r}.format(i) for i in range(n, n + {per_tick})))
+    n += {per_tick}
+    time.sleep(0.01)
+print("total", n)
+"""
+
+
+def printing_cell(seconds: float, bytes_per_second: int) -> str:
+    """A cell printing numbered 96-byte lines at about ``bytes_per_second`` for ``seconds``."""
+    per_tick = max(1, bytes_per_second // 100 // len(LINE.format(0)))
+    return PRINTING_CELL.format(seconds=seconds, line=LINE, per_tick=per_tick)
+
+
+@contextlib.contextmanager
+def kernel_behind_a_blackhole(server: SSHServer, python: Path, tmp_path: Path, name: str,
+                              **fields: Any) -> Iterator[tuple[Any, Any, Blackhole]]:
+    """A launcher subprocess whose SSH connections go through a Blackhole, and its client."""
+    with Blackhole(server.port) as proxy:
+        known_hosts = tmp_path / "known_hosts_proxy"
+        known_hosts.write_text(server.known_hosts_line(f"[{server.host}]:{proxy.port}"))
+        host = server.host_entry(name="fixture", port=proxy.port, known_hosts=str(known_hosts))
+        fields.setdefault("reconnect_grace", 120.0)
+        entry = kernel_entry(server, python, name, host=host, **fields)
+        launched, connection_file = launched_from_spec(write_spec(entry), tmp_path)
+        with launched as launcher:
+            assert wait_until(connection_file.exists, timeout=30), launcher.stderr
+            kc = connect_client(connection_file, launcher=launcher)
+            try:
+                yield launcher, kc, proxy
+            finally:
+                kc.stop_channels()
+
+
+def printed_numbers(stdout: str) -> tuple[list[int], int]:
+    """The line numbers the cell printed, in arrival order, and the total it says it printed."""
+    numbers = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("line ")]
+    totals = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("total ")]
+    assert len(totals) == 1, stdout[-500:]
+    return numbers, totals[0]
+
+
+def silent_outage_during(kc: Any, launcher: Any, proxy: Blackhole, cell: str) -> tuple[Any, float]:
+    """Run ``cell``; 3 s in, the path goes silent for OUTAGE s. Returns the execution and how long
+    after the path came back the launcher had reattached."""
+    msg_id = kc.execute(cell)
+    time.sleep(3.0)
+    proxy.silence()
+    time.sleep(OUTAGE)
+    proxy.restore()
+    reattach = seconds_until(lambda: "reattached" in launcher.stderr, timeout=60)
+    return collect(kc, msg_id, timeout=180), reattach
+
+
+def test_a_silent_outage_is_detected_and_every_line_printed_during_it_arrives_once(
+    private_sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    """Issue 12's done-when: detected, reattached within ~15 s of the path's return, every line of
+    the running cell delivered once. At ~1 MB/s the outage's output fits in the backlog."""
+    cell = printing_cell(seconds=OUTAGE + 10, bytes_per_second=1_000_000)
+    with kernel_behind_a_blackhole(private_sshd, remote_python, tmp_path, "silent") as (launcher, kc, proxy):
+        execution, reattach = silent_outage_during(kc, launcher, proxy, cell)
+        stderr = launcher.stderr
+    print(f"\nreattached {reattach:.1f} s after the path came back")
+    assert execution.status == "ok"
+    numbers, total = printed_numbers(execution.stdout)
+    assert numbers == list(range(total)), "lines lost, repeated or out of order"
+    assert "link silent for" in stderr and "reconnecting" in stderr, stderr
+    assert "nothing was lost" in stderr, stderr
+    assert reattach < 20, f"reattached only {reattach:.1f} s after the path came back"
+
+
+def test_output_beyond_the_backlog_is_dropped_whole_counted_and_reported(
+    private_sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    """A 1 MiB output_backlog: what does not fit is dropped whole messages at a time; the count
+    arrives on iopub under the cell, and in the launcher's log; "nothing was lost" is not said."""
+    cell = printing_cell(seconds=OUTAGE + 10, bytes_per_second=1_000_000)
+    with kernel_behind_a_blackhole(private_sshd, remote_python, tmp_path, "dropping",
+                                   output_backlog=1024 * 1024) as (launcher, kc, proxy):
+        execution, _ = silent_outage_during(kc, launcher, proxy, cell)
+        assert wait_until(lambda: "lines of output" in launcher.stderr, timeout=10), launcher.stderr
+        stderr = launcher.stderr
+    assert execution.status == "ok"
+    numbers, total = printed_numbers(execution.stdout)
+    assert numbers == sorted(set(numbers)), "lines repeated or out of order"
+    notices = re.findall(r"\[remote-kernel\] ([\d,]+) lines of output \(([\d,]+) messages\) were dropped "
+                         r"during a (\d+) s outage \(output_backlog is 1 MiB\)", execution.stderr)
+    assert notices, execution.stderr
+    dropped = sum(int(lines.replace(",", "")) for lines, _, _ in notices)
+    assert dropped > 0
+    assert len(numbers) + dropped == total, (len(numbers), dropped, total)
+    assert "nothing was lost" not in stderr, stderr
+    assert "lines of output" in stderr and "output_backlog" in stderr, stderr

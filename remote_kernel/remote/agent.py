@@ -646,11 +646,13 @@ class Agent:
             self._connect_stream(self.streams[sid])
 
     def _connect_stream(self, stream: Stream) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        sock = None
+        try:  # EMFILE here too: more clients than descriptors
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(os.path.join(self.dir, "k-%d" % P.IPC_PORTS[stream.channel]))
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 # The kernel closed its sockets: it is exiting (a client reconnecting during a
                 # normal shutdown). Not news; the exit itself is reported when it is seen.
