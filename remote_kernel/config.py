@@ -31,6 +31,7 @@ from remote_kernel.entry import (
     HOST_KEY_POLICIES,
     INTERRUPT_MODES,
     KERNEL_NAME_RULE,
+    LAUNCHERS,
     HostEntry,
     KernelEntry,
     is_valid_kernel_name,
@@ -80,6 +81,7 @@ _Bytes = Annotated[int, BeforeValidator(_byte_size), Field(gt=0)]
 _Port = Annotated[int, Field(ge=1, le=65535)]
 _HostKeyPolicy = Annotated[str, _one_of(HOST_KEY_POLICIES)]
 _InterruptMode = Annotated[str, _one_of(INTERRUPT_MODES)]
+_Launcher = Annotated[str, _one_of(LAUNCHERS)]
 
 # strict: TOML already has types, so "22" is not silently a port and true is not 1.
 _TABLE = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -117,6 +119,8 @@ class KernelSettings(BaseModel):
         '(e.g. "$XDG_RUNTIME_DIR" or "/scratch/$USER"; default: $TMPDIR or /tmp)')
     output_backlog: _Bytes | None = _described(
         'a size greater than 0: bytes, or a string like "64MiB", "512MB", "1GiB"')
+    launcher: _Launcher | None = _described(
+        f"one of {', '.join(map(json.dumps, LAUNCHERS))} (how Jupyter starts the kernel)")
 
 
 class DefaultsTable(KernelSettings):
@@ -326,6 +330,7 @@ def _resolve_kernel(name: str, table: KernelTable, defaults: DefaultsTable,
                                          DEFAULT_RECONNECT_GRACE)),
         runtime_dir=pick("runtime_dir"),
         output_backlog=int(pick("output_backlog") or DEFAULT_OUTPUT_BACKLOG),
+        launcher=pick("launcher") or "argv",
     )
 
 

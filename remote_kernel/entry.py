@@ -27,6 +27,10 @@ DEFAULT_RECONNECT_GRACE = 300.0
 DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024
 HOST_KEY_POLICIES = ("strict", "accept-new")
 INTERRUPT_MODES = ("message", "signal")
+# How Jupyter launches the kernel: argv (`python -m remote_kernel from-spec`, works with every
+# client) or our jupyter_client provisioner (in the server's process; argv stays as the fallback).
+LAUNCHERS = ("argv", "provisioner")
+PROVISIONER_NAME = "remote-kernel-provisioner"
 
 KERNEL_NAME_RULE = (
     "Kernel names can only contain ASCII letters and numbers and these separators:"
@@ -141,6 +145,7 @@ class KernelEntry:
     reconnect_grace: float = DEFAULT_RECONNECT_GRACE
     runtime_dir: str | None = None
     output_backlog: int = DEFAULT_OUTPUT_BACKLOG
+    launcher: str = "argv"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +165,7 @@ class KernelEntry:
             "reconnect_grace": self.reconnect_grace,
             "runtime_dir": self.runtime_dir,
             "output_backlog": self.output_backlog,
+            "launcher": self.launcher,
         }
 
     @classmethod
@@ -181,6 +187,7 @@ class KernelEntry:
             reconnect_grace=float(data.get("reconnect_grace", DEFAULT_RECONNECT_GRACE)),
             runtime_dir=data.get("runtime_dir"),
             output_backlog=int(data.get("output_backlog", DEFAULT_OUTPUT_BACKLOG)),
+            launcher=str(data.get("launcher", "argv")),
         )
 
     def fingerprint(self) -> str:

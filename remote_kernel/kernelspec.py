@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote_kernel.entry import KERNEL_NAME_RULE, KernelEntry, is_valid_kernel_name
+from remote_kernel.entry import KERNEL_NAME_RULE, PROVISIONER_NAME, KernelEntry, is_valid_kernel_name
 from remote_kernel.errors import KernelspecError
 
 # Version of the ``metadata.remote_kernel`` marker. A spec carrying another schema is treated as
@@ -165,20 +165,25 @@ def render_kernel_json(
     and launches python specs only in the ``[python, -m, module, ...]`` form.
     """
     argv = [python, "-m", "remote_kernel", "from-spec", str(spec_dir), "-f", "{connection_file}"]
+    metadata: dict[str, Any] = {
+        MARKER_KEY: {
+            "schema": MARKER_SCHEMA,
+            "config": str(config_path),
+            "fingerprint": entry.fingerprint(),
+            "entry": entry.to_dict(),
+        },
+    }
+    if entry.launcher == "provisioner":
+        # jupyter_client >= 7 starts the kernel through our provisioner, in the server's process;
+        # argv stays the working from-spec form for clients that do not know provisioners.
+        metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER_NAME, "config": {}}
     return {
         "argv": argv,
         "display_name": entry.display_name,
         "language": entry.language,
         "interrupt_mode": entry.interrupt_mode,
         "env": {},
-        "metadata": {
-            MARKER_KEY: {
-                "schema": MARKER_SCHEMA,
-                "config": str(config_path),
-                "fingerprint": entry.fingerprint(),
-                "entry": entry.to_dict(),
-            },
-        },
+        "metadata": metadata,
     }
 
 

@@ -97,15 +97,39 @@ class Launcher:
     # ------------------------------------------------------------------------------ top level
 
     def run(self) -> int:
+        """The argv launcher (Jupyter's kernel process): serve with POSIX signals wired in."""
         previous = self._install_signal_handlers()
+        try:
+            return self.serve()
+        finally:
+            self._restore_signal_handlers(previous)
+
+    def serve(self) -> int:
+        """Start the kernel and serve it until it exits or ``request_stop``; the exit code
+        (0, or a RemoteKernelError raised). Usable on any thread: no signals involved."""
         try:
             self._arm_startup()
             self._prepare_local_side()
             self._start_remote()
             return self._loop()
         finally:
-            self._restore_signal_handlers(previous)
             self._cleanup()
+
+    def interrupt(self) -> None:
+        """Raise KeyboardInterrupt in the remote kernel's code (SIGINT to its process group)."""
+        self.send_signal(signal.SIGINT)
+
+    def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the remote kernel's process group (the agent allows INT, TERM,
+        KILL, QUIT, USR1, USR2)."""
+        if self.tunnel is not None:
+            log.info("relaying %s to the remote kernel", signal.Signals(signum).name)
+            self.tunnel.send_signal(signum)
+
+    def request_stop(self, reason: str) -> None:
+        """Shut the remote kernel down (the agent: SIGTERM, SIGKILL after 3 s) and end serve()."""
+        self.state.stop_reason = reason
+        self._stop_signal.set()
 
     def _arm_startup(self) -> None:
         """startup_timeout bounds the whole start: connecting, setup lines, kernel start."""
@@ -368,7 +392,7 @@ class Launcher:
                               stderr_tail=self._unshown_stderr(data.get("stderr_tail")),
                               hint=_hint_for(self._all_stderr(data.get("stderr_tail")))
                               or "check `command` and `kernel_args`: the kernel command must keep running")
-        if self.state.phase == "stopping" or data.get("code") == 0:
+        if self.state.phase == "stopping" or self._stop_signal.is_set() or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
             return EXIT_OK
         raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
@@ -488,13 +512,10 @@ class Launcher:
     def _relay_signal(self, signum: int, frame: Any) -> None:
         # Never die on SIGINT: jupyter_client interrupts (signals our whole group) before
         # every shutdown, and Ctrl-C in a terminal means "interrupt the cell".
-        if self.tunnel is not None:
-            log.info("relaying %s to the remote kernel", signal.Signals(signum).name)
-            self.tunnel.send_signal(signum)
+        self.send_signal(signum)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.state.stop_reason = f"received {signal.Signals(signum).name}"
-        self._stop_signal.set()
+        self.request_stop(f"received {signal.Signals(signum).name}")
 
     # ------------------------------------------------------------------------------ state file
 
@@ -612,6 +633,99 @@ def _jupyter_runtime_dir() -> Path:
     from jupyter_core.paths import jupyter_runtime_dir
 
     return Path(jupyter_runtime_dir())
+
+
+class RemoteKernel:
+    """One remote kernel in-process, with jupyter_client's lifecycle verbs (the provisioner's and a
+    library user's API): ``start`` returns at once, ``wait_ready`` blocks until the kernel answers or
+    the start failed; ``poll``/``wait`` give the exit code; ``interrupt``, ``send_signal``,
+    ``terminate``, ``kill``; ``close``. The Launcher serves it on a thread of its own; its errors
+    come back from ``wait_ready`` (or ``error``), never as a signal or a process exit."""
+
+    def __init__(self, entry: KernelEntry, connection_file: Path | None = None, *,
+                 runtime_dir: Path | None = None) -> None:
+        self.entry = entry
+        self._launcher = Launcher(entry, connection_file, announce=self._announce, runtime_dir=runtime_dir)
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+        self.error: RemoteKernelError | None = None
+
+    @property
+    def connection_file(self) -> Path | None:
+        return self._launcher.connection_path
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a RemoteKernel starts once")  # a bug in the caller, not a user error
+        self._thread = threading.Thread(target=self._serve, name=f"rk-kernel-{self.entry.name}", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the kernel is ready; raise the launch's error if it failed (or ended) first."""
+        limit = self.entry.startup_timeout + STARTUP_MARGIN + 5.0 if timeout is None else timeout
+        if not self._ready.wait(limit):
+            self.kill()
+            raise LaunchError(f"kernel {self.entry.name!r} on {self.entry.host.label} was not ready within {limit:g} s")
+        if self.error is not None:
+            raise self.error
+        if self._done.is_set():
+            raise LaunchError(f"kernel {self.entry.name!r} on {self.entry.host.label} ended before it was ready")
+
+    def poll(self) -> int | None:
+        """None while the kernel runs; its exit code once it ended (1 when it failed)."""
+        return self.exit_code if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._done.wait(timeout)
+        return self.poll()
+
+    def interrupt(self) -> None:
+        self._launcher.interrupt()
+
+    def send_signal(self, signum: int) -> None:
+        """SIGINT interrupts; SIGTERM/SIGHUP/SIGQUIT shut down; SIGKILL kills; others are relayed."""
+        if signum == signal.SIGKILL:
+            self.kill()
+        elif signum in STOP_SIGNALS:
+            self.terminate()
+        else:
+            self._launcher.send_signal(signum)
+
+    def terminate(self) -> None:
+        """Shut the remote kernel down: it gets SIGTERM, then SIGKILL after 3 s; nothing is left."""
+        self._launcher.request_stop("terminate requested")
+
+    def kill(self) -> None:
+        """Stop at once: SIGKILL to the kernel's group, then the same clean-up as terminate."""
+        self._launcher.request_stop("kill requested")
+        self._launcher.send_signal(signal.SIGKILL)
+
+    def close(self, timeout: float = SHUTDOWN_WAIT + 2.0) -> int | None:
+        """Shut down (if running) and wait for the clean-up, bounded."""
+        if self._thread is not None and not self._done.is_set():
+            self.terminate()
+            self._done.wait(timeout)
+        return self.poll()
+
+    def _announce(self, path: Path, entry: KernelEntry) -> None:
+        self._ready.set()
+
+    def _serve(self) -> None:
+        code = 1
+        try:
+            code = self._launcher.serve()
+        except RemoteKernelError as exc:
+            self.error = exc
+            code = exc.exit_code
+        except Exception as exc:  # a bug: the caller must still learn that the kernel is gone
+            log.debug("kernel %s: launcher failed", self.entry.name, exc_info=True)
+            self.error = LaunchError(f"internal error serving kernel {self.entry.name!r}: {exc!r}")
+        finally:
+            self.exit_code = code
+            self._done.set()
+            self._ready.set()
 
 
 def run_entry(entry: KernelEntry, connection_file: Path | None, *,

@@ -558,3 +558,17 @@ def test_unset_runtime_dir_and_output_backlog_take_the_builtin_defaults(tmp_path
 def test_a_bad_output_backlog_names_the_key(tmp_path: Path, written: str) -> None:
     problem = only_problem(write(tmp_path, f'[kernels.k]\nhost = "alice@lab"\noutput_backlog = {written}\n'))
     assert problem.key == "kernels.k.output_backlog" and "MiB" in problem.message
+
+
+@pytest.mark.parametrize(("written", "expected"), [(None, "argv"), ('"argv"', "argv"), ('"provisioner"', "provisioner")])
+def test_launcher_picks_argv_or_the_provisioner_and_defaults_to_argv(
+    tmp_path: Path, written: str | None, expected: str
+) -> None:
+    line = f"launcher = {written}\n" if written else ""
+    entry = load_config(write(tmp_path, f'[kernels.k]\nhost = "alice@lab"\n{line}')).entry("k")
+    assert entry.launcher == expected
+
+
+def test_an_unknown_launcher_lists_the_choices(tmp_path: Path) -> None:
+    problem = only_problem(write(tmp_path, '[defaults]\nlauncher = "systemd"\n'))
+    assert problem.key == "defaults.launcher" and '"argv", "provisioner"' in problem.message

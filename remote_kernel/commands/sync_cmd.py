@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +39,12 @@ def add_kernelspec_options(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--prefix", metavar="DIR",
                         help="install into DIR/share/jupyter/kernels (e.g. for building images)")
     parser.add_argument(
+        "--provisioner", action="store_true",
+        help="write kernelspecs that Jupyter starts through remote-kernel's jupyter_client provisioner "
+             "(in the server's process) for every entry, as `launcher = \"provisioner\"` does for one; "
+             "argv stays the working fallback for clients without provisioners",
+    )
+    parser.add_argument(
         "--launcher-python", metavar="PATH",
         help="the local python that has remote_kernel installed, written into kernel.json argv "
              "(default: the one running this command; set it when building images)",
@@ -52,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = config.load_config(config.discover_config_path(args.config))
     kernels_dir = target_kernels_dir(args)
+    entries = list(loaded.entries().values())
+    if args.provisioner:
+        entries = [dataclasses.replace(entry, launcher="provisioner") for entry in entries]
     desired = desired_specs(
-        loaded.entries().values(), kernels_dir=kernels_dir, config_path=loaded.path,
+        entries, kernels_dir=kernels_dir, config_path=loaded.path,
         python=launcher_python(args.launcher_python),
     )
     mode = "check" if args.check else "dry-run" if args.dry_run else "apply"
