@@ -27,7 +27,7 @@ from remote_kernel.entry import (
     KernelEntry,
     is_valid_kernel_name,
 )
-from remote_kernel.errors import RemoteKernelError, UsageError
+from remote_kernel.errors import RemoteKernelError, SSHError, UsageError
 from remote_kernel.tomlappend import joined, render_tables
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ PROBE_SOURCE = Path(__file__).parent / "remote" / "discover_probe.py"
 MARKER = "@@remote-kernel-discover@@"  # remote/discover_probe.MARKER
 CONNECT_TIMEOUT = 15.0
 PROBE_BUDGET = 45.0  # what the remote program allows itself (conda 20 s, search 10 s, each python 10 s)
+PYTHON_TIMEOUT = 10.0  # remote/discover_probe.PYTHON_TIMEOUT: one environment's python answering
 RUN_TIMEOUT = PROBE_BUDGET + 15.0  # plus the login shell and the program's start
 MIN_PYTHON = (3, 8)  # the agent's floor (remote/*.py)
 NEW_FILE_HEADER = (
@@ -122,17 +123,28 @@ def resolve_host(host: str, loaded: config.LoadedConfig | None) -> HostEntry:
         raise UsageError(f"HOST: {exc}", hint="give a [hosts] name or [user@]host[:port]") from exc
 
 
-def discover(host: HostEntry, search: Sequence[str], *, python: str = DEFAULT_PYTHON) -> Discovery:
-    """Connect once, run the probe once with ``python`` (after the login shell), parse its answer."""
+def discover(host: HostEntry, search: Sequence[str], *, python: str = DEFAULT_PYTHON,
+             python_timeout: float = PYTHON_TIMEOUT) -> Discovery:
+    """Connect once, run the probe once with ``python`` (after the login shell), parse its answer.
+    ``python_timeout`` bounds each environment's python answering for itself."""
     from remote_kernel import inventory, ssh
 
     inventory.silence_paramiko()  # a refused handshake is our one-line SSHError, not 20 lines of log
     entry = KernelEntry(name="discover", host=host, display_name="", python=python)
-    request = {"search": list(search), "budget": PROBE_BUDGET}
+    request = {"search": list(search), "budget": PROBE_BUDGET, "python_timeout": python_timeout}
     source = PROBE_SOURCE.read_text(encoding="utf-8")
-    with ssh.connect(host, timeout=CONNECT_TIMEOUT) as conn:
-        result = bootstrap.run_program(conn, entry, source, request=request, timeout=RUN_TIMEOUT)
+    try:
+        with ssh.connect(host, timeout=CONNECT_TIMEOUT) as conn:
+            result = bootstrap.run_program(conn, entry, source, request=request, timeout=RUN_TIMEOUT)
+    except SSHError as exc:
+        raise one_line(exc) from exc
     return parse_answer(host, python, result)
+
+
+def one_line(exc: SSHError) -> SSHError:
+    """A host that cannot be reached is one line on stderr (with its hint), as in ps and gc."""
+    text = "; ".join(line.strip() for line in exc.message.splitlines() if line.strip())
+    return SSHError(f"{text} (hint: {exc.hint})" if exc.hint else text, host=exc.host)
 
 
 def parse_answer(host: HostEntry, python: str, result: bootstrap.ProgramResult) -> Discovery:

@@ -1,10 +1,10 @@
 """`discover` on the remote host: find Python environments that could run a kernel. Python 3.8+, stdlib only.
 
 Sent by remote_kernel.discover through bootstrap.run_program (one SSH exec, the program on stdin);
-``REQUEST`` is ``{"search": [DIR, ...], "budget": seconds}``. It looks at conda/mamba environments
-(``conda env list --json`` when a conda is found, ``~/.conda/environments.txt``, the common install
-roots and their ``envs/``), pyenv versions, venvs and conda envs a few levels under each search
-directory, and ``python3`` on the login PATH. Each environment's own python is then run once with a
+``REQUEST`` is ``{"search": [DIR, ...], "budget": seconds, "python_timeout": seconds}``. It looks
+at conda/mamba environments (``conda env list --json`` when a conda is found,
+``~/.conda/environments.txt``, the common install roots and their ``envs/``), pyenv versions, venvs
+and conda envs a few levels under each search directory, and ``python3`` on the login PATH. Each environment's own python is then run once with a
 short ``-c`` (in parallel, each bounded) to report its version and whether ``ipykernel`` is
 importable: that honours .pth files, user site-packages and PYTHONPATH exactly as the kernel will,
 and never imports ipykernel itself (``find_spec`` and the distribution metadata only).
@@ -272,8 +272,8 @@ def add_path_python(finder: Finder) -> None:
 # --- asking each python --------------------------------------------------------------------------
 
 
-def ask_python(environment: "Dict[str, Any]", deadline: float) -> "Dict[str, Any]":
-    timeout = min(PYTHON_TIMEOUT, deadline - time.monotonic())
+def ask_python(environment: "Dict[str, Any]", deadline: float, limit: float) -> "Dict[str, Any]":
+    timeout = min(limit, deadline - time.monotonic())
     if timeout <= 0:
         return dict(environment, error="not checked: the time for discover ran out")
     try:
@@ -292,11 +292,11 @@ def ask_python(environment: "Dict[str, Any]", deadline: float) -> "Dict[str, Any
                 sys_prefix=answer.get("prefix"), executable=answer.get("executable"))
 
 
-def ask_all(environments: "List[Dict[str, Any]]", deadline: float) -> "List[Dict[str, Any]]":
+def ask_all(environments: "List[Dict[str, Any]]", deadline: float, limit: float) -> "List[Dict[str, Any]]":
     if not environments:
         return []
     with ThreadPoolExecutor(max_workers=PYTHON_WORKERS) as pool:
-        return list(pool.map(lambda environment: ask_python(environment, deadline), environments))
+        return list(pool.map(lambda environment: ask_python(environment, deadline, limit), environments))
 
 
 def without_path_duplicate(environments: "List[Dict[str, Any]]") -> "List[Dict[str, Any]]":
@@ -321,7 +321,8 @@ def discover(request: "Dict[str, Any]") -> "Dict[str, Any]":
     add_conda(finder, [], listed)
     order = {"conda": 0, "pyenv": 1, "venv": 2, "path": 3}
     candidates = sorted(finder.found, key=lambda env: order[env["kind"]])  # stable: found order within a kind
-    environments = without_path_duplicate(ask_all(candidates, deadline))
+    limit = float(request.get("python_timeout") or PYTHON_TIMEOUT)
+    environments = without_path_duplicate(ask_all(candidates, deadline, limit))
     return {"environments": environments, "notes": finder.notes, "home": os.path.expanduser("~"),
             "conda": executable, "seconds": round(time.monotonic() - started, 3)}
 
