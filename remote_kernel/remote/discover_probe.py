@@ -4,10 +4,11 @@ Sent by remote_kernel.discover through bootstrap.run_program (one SSH exec, the 
 ``REQUEST`` is ``{"search": [DIR, ...], "budget": seconds, "python_timeout": seconds}``. It looks
 at conda/mamba environments (``conda env list --json`` when a conda is found,
 ``~/.conda/environments.txt``, the common install roots and their ``envs/``), pyenv versions, venvs
-and conda envs a few levels under each search directory, and ``python3`` on the login PATH. Each environment's own python is then run once with a
-short ``-c`` (in parallel, each bounded) to report its version and whether ``ipykernel`` is
-importable: that honours .pth files, user site-packages and PYTHONPATH exactly as the kernel will,
-and never imports ipykernel itself (``find_spec`` and the distribution metadata only).
+and conda envs a few levels under each search directory, and ``python3`` on the login PATH. Each
+environment's own python is then run once with a short ``-c`` (in parallel, each bounded) to report
+its version and whether ``ipykernel`` is importable: that honours .pth files, user site-packages
+and PYTHONPATH exactly as the kernel will, and never imports ipykernel itself (``find_spec`` and
+the distribution metadata only).
 
 The answer is one JSON document after a marker line on stdout, so a login shell that prints
 something (an echoing ``.bashrc``) cannot corrupt it. No ``from __future__`` import: run_program
