@@ -194,6 +194,30 @@ def test_discover_add_to_an_ad_hoc_target_creates_the_user_config_with_one_entry
     assert load_config(user_config).entry(name).host.label == target
 
 
+def test_conda_env_list_and_an_install_roots_envs_are_read(sshd: SSHServer, tmp_path: Path) -> None:
+    assert sshd.remote_home is not None
+    root = _venv(sshd.remote_home / "miniconda3")  # a common install root: its base env and envs/
+    ml = _venv(root / "envs" / "ml")
+    elsewhere = _venv(tmp_path / "shared" / "tools")  # known only to `conda env list`
+    for prefix in (root, ml, elsewhere):
+        (prefix / "conda-meta").mkdir()
+    # conda itself is not installed here: its condabin/conda prints what `conda env list --json` does.
+    conda = root / "condabin" / "conda"
+    conda.parent.mkdir()
+    conda.write_text("#!/bin/sh\ntest \"$*\" = 'env list --json' || exit 2\n"
+                     f"echo '{json.dumps({'envs': [str(root), str(ml), str(elsewhere)]})}'\n")
+    conda.chmod(0o755)
+    try:
+        found = discover.discover(sshd.host_entry(), [])
+    finally:
+        shutil.rmtree(root)
+    mine = {python_of(prefix) for prefix in (root, ml, elsewhere)}
+    conda_envs = [(env.kind, env.name, env.python) for env in found.environments if env.python in mine]
+    assert conda_envs == [("conda", "base", python_of(root)), ("conda", "ml", python_of(ml)),
+                          ("conda", "tools", python_of(elsewhere))]
+    assert found.notes == ()
+
+
 def _fake_venv(prefix: Path, script: str) -> Path:
     (prefix / "bin").mkdir(parents=True)
     (prefix / "pyvenv.cfg").write_text("home = /nowhere\n")

@@ -94,9 +94,11 @@ def is_environment(path: str) -> bool:
 
 
 def conda_name(prefix: str) -> str:
-    """``ROOT/envs/NAME`` -> NAME; an installation's root environment is conda's ``base``."""
-    parent = os.path.dirname(prefix.rstrip("/"))
-    return os.path.basename(prefix.rstrip("/")) if os.path.basename(parent) == "envs" else "base"
+    """``ROOT/envs/NAME`` -> NAME; an installation's root (it has condabin/ or envs/) is conda's
+    ``base``; an environment made with ``conda create -p DIR`` is named after DIR."""
+    path = prefix.rstrip("/")
+    is_root = os.path.isdir(os.path.join(path, "condabin")) or os.path.isdir(os.path.join(path, "envs"))
+    return "base" if is_root and os.path.basename(os.path.dirname(path)) != "envs" else os.path.basename(path)
 
 
 def venv_name(prefix: str) -> str:
