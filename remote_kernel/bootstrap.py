@@ -25,7 +25,6 @@ from remote_kernel import protocol as P
 from remote_kernel.entry import KernelEntry
 
 log = logging.getLogger(__name__)
-progress = logging.getLogger("remote_kernel.progress")  # console.PROGRESS_LOGGER
 
 AGENT_MARKER = "remote-kernel-agent"
 CWD_FAILED_EXIT = 97
@@ -166,33 +165,6 @@ def kernel_argv(entry: KernelEntry) -> list[str]:
     else:
         argv = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     return argv + list(entry.kernel_args)
-
-
-def open_session(entry: KernelEntry, *, start: bool) -> tuple[Any, Any]:
-    """Connect to the entry's host and run the bootstrap there: (ssh.SSHConnection, ssh.ExecChannel).
-    The caller sends ``agent_input(request)`` on the channel. ``start=False`` (a reattach)
-    leaves out the ``cd``: the agent it talks to already runs in the kernel's directory."""
-    from remote_kernel import ssh  # paramiko is imported only when we really connect
-
-    began = time.monotonic()
-    if start:
-        via = " via " + " -> ".join(hop.name for hop in entry.host.proxy_jump) if entry.host.proxy_jump else ""
-        progress.info("connecting to %s%s", entry.host.label, via)
-    conn = ssh.connect(entry.host)
-    connected = time.monotonic()
-    # startup_timeout bounds the whole start: the setup lines get what connecting left of it.
-    budget = entry.startup_timeout - (connected - began)
-    command = remote_command(entry, payload_size=len(agent_payload()), with_cwd=start, setup_budget=budget)
-    try:
-        channel = conn.open_exec(command.exec)
-        channel.sendall(command.script)
-        channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
-    except BaseException:
-        conn.close()
-        raise
-    (progress if start else log).info("connected to %s in %.2f s; remote command started in %.2f s",
-                                      entry.host.label, connected - began, time.monotonic() - connected)
-    return conn, channel
 
 
 @dataclass(frozen=True)

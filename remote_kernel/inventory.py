@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remote_kernel import bootstrap
+from remote_kernel.backends import backend_for
 from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry
 from remote_kernel.errors import RemoteKernelError
 
@@ -134,9 +134,7 @@ def ask_host(target: HostTarget, request: dict[str, Any], *, resolved: Any = Non
 
     entry = KernelEntry(name="inventory", host=target.host, display_name="", python=target.python)
     with ssh.connect(resolved or target.host, timeout=CONNECT_TIMEOUT) as conn:
-        command = bootstrap.remote_command(entry, payload_size=len(bootstrap.agent_payload()), with_cwd=False)
-        channel = conn.open_exec(command.exec)
-        channel.sendall(command.script + bootstrap.agent_input(request))
+        channel = backend_for(entry).query(conn, entry, request)
         stdout, stderr = _read_all(channel)
     try:
         answer: dict[str, Any] = json.loads(stdout.decode())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_kernel import bootstrap, connection
+from remote_kernel.backends import Backend, Connector, DirectConnector, Locator, backend_for
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
 from remote_kernel.tunnel import IDLE_PING, Event, Tunnel
@@ -79,8 +80,11 @@ class Launcher:
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
                  announce: Callable[[Path, KernelEntry], None] | None = None,
-                 runtime_dir: Path | None = None) -> None:
+                 runtime_dir: Path | None = None, connector: Connector | None = None) -> None:
         self.entry = entry
+        self.connector: Connector = connector or DirectConnector()
+        self.backend: Backend = backend_for(entry)
+        self.locator: Locator | None = None
         self.requested_file = connection_file
         self.announce = announce
         self.runtime_dir = runtime_dir
@@ -161,13 +165,21 @@ class Launcher:
 
     # ------------------------------------------------------------------------------ remote side
 
-    def _open_session(self, *, start: bool) -> Any:
-        conn, channel = bootstrap.open_session(self.entry, start=start)
-        old, self.ssh = self.ssh, conn
+    def _connect(self, *, start: bool) -> Any:
+        """An authenticated connection from the connector (the previous one, after a drop, is
+        released first: a shared connector may hand out the same, re-established one)."""
+        old, self.ssh = self.ssh, None
         if old is not None:
             with contextlib.suppress(Exception):
-                old.close()
-        return channel
+                self.connector.release(old)
+        began = time.monotonic()
+        if start:
+            jumps = self.entry.host.proxy_jump
+            progress.info("connecting to %s%s", self.entry.host.label,
+                          " via " + " -> ".join(hop.name for hop in jumps) if jumps else "")
+        self.ssh = self.connector.acquire(self.entry.host)
+        (progress if start else log).info("connected to %s in %.2f s", self.entry.host.label, time.monotonic() - began)
+        return self.ssh
 
     @property
     def _tunnel(self) -> Tunnel:
@@ -184,17 +196,10 @@ class Launcher:
             "replace": self._previous_kernel(),
             "runtime_dir": self.entry.runtime_dir, "output_backlog": self.entry.output_backlog,
         }
-        request = bootstrap.agent_input(hello)
-        channel = self._open_session(start=True)
-        # The key and token travel on stdin, inside the encrypted session; never in argv.
-        try:
-            channel.sendall(request)
-        except RemoteKernelError:
-            # The remote command can end before reading its stdin (python not found: exit 127;
-            # a missing cwd): say why from its exit status and stderr, not "lost the channel".
-            self._take_stderr(channel)
-            self._raise_startup_failure(_exit_status(channel))
-            raise
+        conn = self._connect(start=True)
+        budget = self.state.startup_deadline - STARTUP_MARGIN - time.monotonic()
+        channel = self.backend.start(conn, self.entry, hello, setup_budget=budget)
+        channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
         self._tunnel.attach(channel)
         self._tunnel.start()
         if self.entry.setup:
@@ -203,8 +208,10 @@ class Launcher:
             progress.info("starting the kernel (%s)", self.entry.python)
 
     def _attach_remote(self) -> None:
-        channel = self._open_session(start=False)
-        channel.sendall(bootstrap.agent_input({"mode": "attach", "dir": self.state.remote_dir}))
+        if self.locator is None:
+            raise RuntimeError("reattach before the kernel was ready")  # a bug: the phase forbids it
+        channel = self.backend.attach(self._connect(start=False), self.entry, self.locator)
+        channel.set_blocking(False)
         self._tunnel.attach(channel, hello={"token": self.token})
 
     # ------------------------------------------------------------------------------ main loop
@@ -284,7 +291,8 @@ class Launcher:
 
     def _on_ready(self, event: Event) -> None:
         data = event.data
-        self.state.remote_dir = data.get("dir")
+        self.locator = self.backend.locator(self.entry, data)
+        self.state.remote_dir = self.locator.dir
         self.state.kernel_pid = data.get("kernel_pid")
         if self.state.phase == "starting":
             self.state.phase = "running"
@@ -570,7 +578,7 @@ class Launcher:
                 log.debug("tunnel closed with an error", exc_info=True)
         if self.ssh is not None:
             with contextlib.suppress(Exception):
-                self.ssh.close()
+                self.connector.release(self.ssh)
         if self.created_connection_file and self.connection_path is not None:
             with contextlib.suppress(OSError):
                 self.connection_path.unlink()

@@ -560,7 +560,8 @@ def test_a_bad_output_backlog_names_the_key(tmp_path: Path, written: str) -> Non
     assert problem.key == "kernels.k.output_backlog" and "MiB" in problem.message
 
 
-@pytest.mark.parametrize(("written", "expected"), [(None, "argv"), ('"argv"', "argv"), ('"provisioner"', "provisioner")])
+@pytest.mark.parametrize(("written", "expected"),
+                         [(None, "argv"), ('"argv"', "argv"), ('"provisioner"', "provisioner")])
 def test_launcher_picks_argv_or_the_provisioner_and_defaults_to_argv(
     tmp_path: Path, written: str | None, expected: str
 ) -> None:
