@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from remote_kernel import bootstrap
 from remote_kernel import protocol as P
+from remote_kernel.remote import agent as agent_module
 from remote_kernel.remote import spawn
 
 
@@ -176,3 +177,100 @@ def test_agent_parses_as_3_8() -> None:
     package = Path(bootstrap.__file__).parent
     for path in ("remote/spawn.py", "protocol.py", "remote/agent.py"):
         ast.parse((package / path).read_text(encoding="utf-8"), feature_version=(3, 8))
+
+
+# --- iopub framing: whole messages dropped when the backlog is full (issue 16 item 5) ------------
+
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+READY = b"\x04\x19\x05READY\x0bSocket-Type\x00\x00\x00\x03PUB"
+
+
+def jupyter_message(number: int, lines: int, padding: int) -> list[bytes]:
+    header = json.dumps({"msg_id": f"m{number}", "msg_type": "stream", "session": "s1"}).encode()
+    parent = json.dumps({"msg_id": f"cell{number % 3}"}).encode()
+    text = "".join(f"{number} {'x' * padding}\n" for _ in range(lines))
+    content = json.dumps({"name": "stdout", "text": text}).encode()
+    return [b"stream.stdout", agent_module.DELIMITER, b"f" * 64, header, parent, b"{}", content]
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """The messages of a ZMTP stream after its greeting and READY, each as its raw bytes."""
+    assert data.startswith(GREETING + READY)
+    pos, start, messages = len(GREETING + READY), len(GREETING + READY), []
+    while pos < len(data):
+        flags = data[pos]
+        size = int.from_bytes(data[pos + 1:pos + 9], "big") if flags & 2 else data[pos + 1]
+        pos += (9 if flags & 2 else 2) + size
+        if not flags & 1:
+            messages.append(data[start:pos])
+            start = pos
+    assert pos == len(data), "the stream ends inside a frame"
+    return messages
+
+
+@given(
+    shape=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 400)), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 700), min_size=1, max_size=40),
+    window=st.tuples(st.integers(0, 40), st.integers(0, 40)),
+)
+def test_the_iopub_framer_drops_whole_messages_and_counts_their_lines(
+    shape: list[tuple[int, int]], cuts: list[int], window: tuple[int, int]
+) -> None:
+    originals = [agent_module.zmtp_message(jupyter_message(n, lines, pad)) for n, (lines, pad) in enumerate(shape)]
+    stream = GREETING + READY + b"".join(originals)
+    chunks, pos = [], 0
+    while pos < len(stream):  # the stream cut at arbitrary places, as reads return it
+        size = cuts[len(chunks) % len(cuts)]
+        chunks.append(stream[pos:pos + size])
+        pos += size
+    notice = agent_module.zmtp_message([b"notice"])
+    reports: list[tuple[int, int]] = []
+
+    def resume(framer: agent_module.IopubFramer) -> bytes:
+        reports.append((framer.dropped, framer.lines))
+        framer.dropped = framer.lines = 0
+        return notice
+
+    framer = agent_module.IopubFramer()
+    out = b"".join(framer.feed(chunk, 0 if window[0] <= i < window[1] else 1 << 30, resume)
+                   for i, chunk in enumerate(chunks))
+    reports.append((framer.dropped, framer.lines))
+    relayed = split_messages(out)
+    kept = [message for message in relayed if message != notice]
+    assert kept == [m for m in originals if m in kept], "kept messages are whole, in order, once"
+    lost = [n for n, m in enumerate(originals) if m not in kept]
+    assert sum(d for d, _ in reports) == len(lost)
+    assert sum(lines for _, lines in reports) == sum(shape[n][0] for n in lost)
+    if window[0] >= window[1]:
+        assert out == stream
+
+
+def test_a_stream_that_is_not_zmtp_3_is_relayed_untouched() -> None:
+    framer = agent_module.IopubFramer()
+    data = b"\xff" + b"\x00" * 8 + b"\x7f\x01" + b"anything at all" * 10  # ZMTP 2: another framing
+    assert framer.feed(data, 0, lambda _: b"") == data
+    assert framer.broken
+
+
+def test_list_mode_looks_in_runtime_dir_and_in_the_temporary_directory() -> None:
+    """`ps`/`gc` pass the entry's runtime_dir; kernels started before it was set stay visible."""
+    import shutil
+    import tempfile
+
+    roots = [Path(tempfile.mkdtemp(prefix="rk-", dir="/tmp")) for _ in range(2)]  # short: <= 40 chars
+    try:
+        for root, name in zip(roots, ("k-in-runtime-dir", "k-in-tmpdir"), strict=True):
+            (root / f"remote-kernel-{os.getuid()}" / name).mkdir(mode=0o700, parents=True)
+            (root / f"remote-kernel-{os.getuid()}").chmod(0o700)
+        payload = bootstrap.agent_payload()
+        result = subprocess.run(
+            [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
+            input=bootstrap.agent_input({"mode": "list", "runtime_dir": str(roots[0])}), capture_output=True,
+            timeout=30, check=False, env={**os.environ, "TMPDIR": str(roots[1])},
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        names = sorted(Path(agent["dir"]).name for agent in json.loads(result.stdout)["agents"])
+        assert names == ["k-in-runtime-dir", "k-in-tmpdir"]
+    finally:
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
