@@ -24,10 +24,6 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from remote_kernel.entry import (
-    DEFAULT_OUTPUT_BACKLOG,
-    DEFAULT_PYTHON,
-    DEFAULT_RECONNECT_GRACE,
-    DEFAULT_STARTUP_TIMEOUT,
     HOST_KEY_POLICIES,
     INTERRUPT_MODES,
     KERNEL_NAME_RULE,
@@ -43,7 +39,6 @@ from remote_kernel.errors import ConfigError, ConfigProblem, UsageError
 
 CONFIG_FILENAME = "remote-kernels.toml"
 CONFIG_ENV_VAR = "REMOTE_KERNEL_CONFIG"
-DEFAULT_INTERRUPT_MODE = "signal"
 
 Loc = tuple[str | int, ...]
 
@@ -308,34 +303,18 @@ class LoadedConfig:
 
 def _resolve_kernel(name: str, table: KernelTable, defaults: DefaultsTable,
                     hosts: Mapping[str, HostEntry]) -> KernelEntry:
-    def pick(field: str) -> Any:
-        own = getattr(table, field)
-        return own if own is not None else getattr(defaults, field)
-
-    command = pick("command")
-    return KernelEntry(
-        name=name.lower(),
-        host=hosts[table.host] if table.host in hosts else HostEntry.from_target(table.host),
-        display_name=table.display_name or name,
-        python=pick("python") or DEFAULT_PYTHON,
-        setup=tuple(pick("setup") or ()),
-        env={**(defaults.env or {}), **(table.env or {})},
-        cwd=pick("cwd"),
-        command=tuple(command) if command is not None else None,
-        kernel_args=tuple(pick("kernel_args") or ()),
-        language=pick("language") or "python",
-        interrupt_mode=pick("interrupt_mode") or DEFAULT_INTERRUPT_MODE,
-        startup_timeout=float(pick("startup_timeout") or DEFAULT_STARTUP_TIMEOUT),
-        reconnect_grace=float(_first_set(table.reconnect_grace, defaults.reconnect_grace,
-                                         DEFAULT_RECONNECT_GRACE)),
-        runtime_dir=pick("runtime_dir"),
-        output_backlog=int(pick("output_backlog") or DEFAULT_OUTPUT_BACKLOG),
-        launcher=pick("launcher") or "argv",
-    )
-
-
-def _first_set(*values: float | None) -> float:
-    return float(next(value for value in values if value is not None))
+    """Each KernelSettings field: the kernel's value, else [defaults]'s, else (left out here)
+    KernelEntry's own default. ``env`` tables merge; name, host and display_name are the kernel's."""
+    values: dict[str, Any] = {}
+    for field in KernelSettings.model_fields:
+        value = getattr(table, field)
+        value = getattr(defaults, field) if value is None else value
+        if value is not None:
+            values[field] = value
+    values["env"] = {**(defaults.env or {}), **(table.env or {})}
+    host = hosts[table.host] if table.host in hosts else HostEntry.from_target(table.host)
+    return KernelEntry.from_dict(
+        {**values, "name": name.lower(), "host": host, "display_name": table.display_name or name})
 
 
 def _resolve_host(ref: str, tables: Mapping[str, HostTable], chain: tuple[str, ...]) -> HostEntry:

@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import socket
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from remote_kernel import records
 from remote_kernel.entry import HostEntry, parse_target
 from remote_kernel.errors import LaunchError, UsageError
 from remote_kernel.protocol import CHANNELS
@@ -121,12 +121,7 @@ def new_connection_info(listeners: dict[str, socket.socket]) -> ConnectionInfo:
 
 def write_connection_file(path: Path, info: ConnectionInfo, kernel_name: str) -> None:
     """Create ``path`` 0600 (it holds the HMAC key) atomically; its directory is made 0700."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(info.to_dict(kernel_name), handle, indent=1)
-    os.replace(temporary, path)
+    records.write_private_json(path, info.to_dict(kernel_name), indent=1)
 
 
 def default_connection_file(runtime_dir: Path, host: HostEntry) -> Path:

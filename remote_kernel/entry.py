@@ -1,5 +1,10 @@
 """Resolved, launchable entries: plain frozen dataclasses with a stable JSON form.
 
+The JSON form and ``fingerprint()`` are derived from the fields (``records.Record``), and each
+default is declared once, on the field: a new field is one line here (plus, if the TOML may set it,
+one on config.py's ``KernelSettings``). Old stored forms load (missing keys take the defaults), and so
+do newer ones (unknown keys are ignored).
+
 config.py turns the TOML (validated by pydantic) into these; kernelspec.py stores
 ``KernelEntry.to_dict()`` in ``kernel.json`` so that ``from-spec`` launches without the TOML and
 without importing pydantic (startup cost); the v1.1 ``-t`` command line builds them directly.
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remote_kernel.errors import UsageError
+from remote_kernel.records import Record
 
 ENTRY_SCHEMA = 1
 
@@ -70,7 +76,7 @@ def parse_target(text: str) -> Target:
 
 
 @dataclass(frozen=True)
-class HostEntry:
+class HostEntry(Record):
     """How to reach one SSH host. ``None`` means: ask ~/.ssh/config, then use ssh's default."""
 
     name: str
@@ -93,33 +99,6 @@ class HostEntry:
             text += f":{self.port}"
         return text if self.name in (host, text) else f"{text} ({self.name})"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "hostname": self.hostname,
-            "port": self.port,
-            "user": self.user,
-            "identity_file": self.identity_file,
-            "proxy_jump": [hop.to_dict() for hop in self.proxy_jump],
-            "known_hosts": self.known_hosts,
-            "host_key_policy": self.host_key_policy,
-            "keepalive": self.keepalive,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HostEntry:
-        return cls(
-            name=str(data["name"]),
-            hostname=data.get("hostname"),
-            port=data.get("port"),
-            user=data.get("user"),
-            identity_file=data.get("identity_file"),
-            proxy_jump=tuple(cls.from_dict(hop) for hop in data.get("proxy_jump", ())),
-            known_hosts=data.get("known_hosts"),
-            host_key_policy=str(data.get("host_key_policy", "strict")),
-            keepalive=float(data.get("keepalive", DEFAULT_KEEPALIVE)),
-        )
-
     @classmethod
     def from_target(cls, text: str, **options: Any) -> HostEntry:
         target = parse_target(text)
@@ -127,7 +106,7 @@ class HostEntry:
 
 
 @dataclass(frozen=True)
-class KernelEntry:
+class KernelEntry(Record):
     """Everything needed to launch one remote kernel."""
 
     name: str
@@ -148,50 +127,17 @@ class KernelEntry:
     launcher: str = "argv"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": ENTRY_SCHEMA,
-            "name": self.name,
-            "host": self.host.to_dict(),
-            "display_name": self.display_name,
-            "python": self.python,
-            "setup": list(self.setup),
-            "env": dict(sorted(self.env.items())),
-            "cwd": self.cwd,
-            "command": list(self.command) if self.command is not None else None,
-            "kernel_args": list(self.kernel_args),
-            "language": self.language,
-            "interrupt_mode": self.interrupt_mode,
-            "startup_timeout": self.startup_timeout,
-            "reconnect_grace": self.reconnect_grace,
-            "runtime_dir": self.runtime_dir,
-            "output_backlog": self.output_backlog,
-            "launcher": self.launcher,
-        }
+        return {"schema": ENTRY_SCHEMA, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelEntry:
-        command = data.get("command")
-        return cls(
-            name=str(data["name"]),
-            host=HostEntry.from_dict(data["host"]),
-            display_name=str(data.get("display_name", data["name"])),
-            python=str(data.get("python", DEFAULT_PYTHON)),
-            setup=tuple(data.get("setup", ())),
-            env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
-            cwd=data.get("cwd"),
-            command=tuple(command) if command is not None else None,
-            kernel_args=tuple(data.get("kernel_args", ())),
-            language=str(data.get("language", "python")),
-            interrupt_mode=str(data.get("interrupt_mode", "signal")),
-            startup_timeout=float(data.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)),
-            reconnect_grace=float(data.get("reconnect_grace", DEFAULT_RECONNECT_GRACE)),
-            runtime_dir=data.get("runtime_dir"),
-            output_backlog=int(data.get("output_backlog", DEFAULT_OUTPUT_BACKLOG)),
-            launcher=str(data.get("launcher", "argv")),
-        )
+        if isinstance(data, Mapping) and "display_name" not in data and "name" in data:
+            data = {**data, "display_name": data["name"]}  # hand-written entries may leave it out
+        return super().from_dict(data)
 
     def fingerprint(self) -> str:
-        """A stable hash of everything that affects the launch (sync compares these)."""
+        """A stable hash of everything that affects the launch (sync compares these): every field,
+        since ``to_dict`` is derived from the fields."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

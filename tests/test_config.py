@@ -573,3 +573,56 @@ def test_launcher_picks_argv_or_the_provisioner_and_defaults_to_argv(
 def test_an_unknown_launcher_lists_the_choices(tmp_path: Path) -> None:
     problem = only_problem(write(tmp_path, '[defaults]\nlauncher = "systemd"\n'))
     assert problem.key == "defaults.launcher" and '"argv", "provisioner"' in problem.message
+
+
+# --- one schema: a kernel field is declared once on KernelSettings and once on KernelEntry ----------
+
+# A value other than KernelEntry's default for every field [defaults] may set, as TOML and as resolved.
+SAMPLE_SETTINGS: dict[str, tuple[str, object]] = {
+    "python": ('"/opt/py/bin/python"', "/opt/py/bin/python"),
+    "setup": ('["module load x"]', ("module load x",)),
+    "env": ('{ A = "1" }', {"A": "1"}),
+    "cwd": ('"~/project"', "~/project"),
+    "command": ('["{python}", "-m", "spyder_kernels.console"]', ("{python}", "-m", "spyder_kernels.console")),
+    "kernel_args": ('["--debug"]', ("--debug",)),
+    "language": ('"julia"', "julia"),
+    "interrupt_mode": ('"message"', "message"),
+    "startup_timeout": ('"2m"', 120.0),
+    "reconnect_grace": ("0", 0.0),
+    "runtime_dir": ('"/scratch/alice"', "/scratch/alice"),
+    "output_backlog": ('"8MiB"', 8 << 20),
+    "launcher": ('"provisioner"', "provisioner"),
+}
+
+
+def test_every_kernel_setting_is_an_entry_field_and_every_entry_field_is_a_setting() -> None:
+    import dataclasses
+
+    from remote_kernel.config import KernelSettings
+    from remote_kernel.entry import KernelEntry
+
+    entry_fields = {field.name for field in dataclasses.fields(KernelEntry)}
+    assert set(KernelSettings.model_fields) == entry_fields - {"name", "host", "display_name"}
+    assert set(SAMPLE_SETTINGS) == set(KernelSettings.model_fields)  # a new field needs a sample here
+
+
+@pytest.mark.parametrize("field", sorted(SAMPLE_SETTINGS))
+def test_each_setting_comes_from_the_kernel_else_the_defaults_else_the_entry_default(
+        tmp_path: Path, field: str) -> None:
+    from remote_kernel.entry import KernelEntry
+
+    toml, resolved = SAMPLE_SETTINGS[field]
+    path = write(tmp_path, f"""
+        [defaults]
+        {field} = {toml}
+        [kernels.inherits]
+        host = "alice@lab"
+    """)
+    entries = load_config(path).entries()
+    builtin = getattr(KernelEntry(name="k", host=HostEntry(name="h"), display_name="k"), field)
+    assert resolved != builtin
+    assert getattr(entries["inherits"], field) == resolved
+    no_defaults = write(tmp_path, '[kernels.plain]\nhost = "alice@lab"\n', name="plain.toml")
+    assert getattr(load_config(no_defaults).entry("plain"), field) == builtin
+    own = write(tmp_path, f'[kernels.own]\nhost = "alice@lab"\n{field} = {toml}\n', name="own.toml")
+    assert getattr(load_config(own).entry("own"), field) == resolved
