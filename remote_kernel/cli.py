@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "install": "install_cmd",
     "ps": "ps_cmd",
     "gc": "gc_cmd",
+    "doctor": "doctor_cmd",
     "discover": "discover_cmd",
 }
 # The v1.1 form `python -m remote_kernel -t host ...` runs this hidden command.

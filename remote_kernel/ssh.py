@@ -256,7 +256,10 @@ def flatten_ssh_config(path: Path) -> str:
 def _flatten_file(path: Path, outer: _Block, depth: int, out: list[str]) -> bool:
     """Append ``path``'s lines to ``out``; True when it opened a block of its own."""
     block = outer
-    for number, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    lines = path.read_text(errors="replace").splitlines()
+    if isinstance(out, _OriginLines):
+        out.files.append(str(path))
+    for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -271,6 +274,8 @@ def _flatten_file(path: Path, outer: _Block, depth: int, out: list[str]) -> bool
             _include(value, block, depth, out, (path, number))
         else:
             out.append(line)
+            if isinstance(out, _OriginLines):
+                out.append(f"{_ORIGIN}{key} {path}:{number}")
             if key in ("proxyjump", "proxycommand"):
                 out.append(f"{_FIRST_PROXY} {key} {value}")
     return block is not outer
@@ -321,6 +326,48 @@ def _include_matches(pattern: str) -> list[Path]:
 
 def _line_problem(path: Path, line: int, key: str, message: str) -> ConfigError:
     return ConfigError([ConfigProblem(path=str(path), key=key, message=message, line=line)])
+
+
+# -- where ~/.ssh/config values come from (`remote-kernel doctor`) -----------------------------
+
+# Written after each option line when origins are asked for: paramiko keeps the first value of an
+# unknown keyword as it does for the option itself, so the marker that wins is the winning line's.
+_ORIGIN = "XRemoteKernelFrom"
+
+
+class _OriginLines(list[str]):
+    """The flattened lines, with an origin marker after each option and the files read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[str] = []
+
+
+@dataclass(frozen=True)
+class ConfigOrigins:
+    """Which ssh_config lines gave a host its values: ``values`` maps each keyword that applied
+    (lower case, as paramiko names them) to ``file:line``; ``files`` is every file read, the main
+    one first, then each Include in the order read."""
+
+    path: str
+    files: tuple[str, ...]
+    values: dict[str, str]
+
+
+def ssh_config_origins(host: HostEntry, *, ssh_config_path: Path | None = None) -> ConfigOrigins:
+    """Where each ~/.ssh/config value for ``host`` comes from (file:line), for ``doctor``; an
+    unreadable or invalid file raises ConfigError as resolve_host does."""
+    path = ssh_config_path or Path(DEFAULT_SSH_CONFIG).expanduser()
+    if not path.is_file():
+        return ConfigOrigins(str(path), (), {})
+    config = _SSHConfig(path)  # the same checks and errors as a connection's
+    lines = _OriginLines()
+    _flatten_file(path, _Block(), 0, lines)
+    config._config = paramiko.SSHConfig.from_text("".join(f"{line}\n" for line in lines))
+    prefix = _ORIGIN.lower()
+    values = {key[len(prefix):]: str(value) for key, value in config.lookup(host.hostname or host.name).items()
+              if key.startswith(prefix)}
+    return ConfigOrigins(str(path), tuple(lines.files), values)
 
 
 def resolve_host(host: HostEntry, *, ssh_config_path: Path | None = None) -> ResolvedHost:
@@ -573,11 +620,9 @@ def _verify_host_key(hop: ResolvedHost, server_key: paramiko.PKey, known: list[K
         )
     plain = [k for k in known if not k.marker]
     if any(k.key_blob == blob for k in plain):
-        log.debug(
-            "host key of %s matches %s",
-            hop.label,
-            next(k.where for k in plain if k.key_blob == blob),
-        )
+        where = next(k.where for k in plain if k.key_blob == blob)
+        log.debug("host key of %s matches %s", hop.label, where)
+        _trace("host_key", hop, match=where)
         return
     if plain:
         raise _changed_key_error(hop, key_type, blob, plain)
@@ -651,6 +696,7 @@ def _accept_new_key(hop: ResolvedHost, key_type: str, key_base64: str, blob: byt
         hop.known_hosts_name,
         target,
     )
+    _trace("host_key", hop, recorded=str(target))
 
 
 def _prefer_known_key_types(transport: paramiko.Transport, known: list[KnownHostKey]) -> None:
@@ -775,6 +821,12 @@ def _candidate_keys(hop: ResolvedHost, report: _AuthReport) -> Iterator[tuple[st
 def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
     report = _AuthReport()
     allowed: list[str] = []
+    if getattr(_tracing, "events", None) is not None:
+        allowed = _allowed_methods(transport, hop.user)
+        _trace("auth_offered", hop, methods=allowed)
+        if transport.is_authenticated():  # the server wants no authentication at all
+            _trace("auth", hop, method="none")
+            return
     for label, key in _candidate_keys(hop, report):
         try:
             remaining = transport.auth_publickey(hop.user, key)
@@ -790,6 +842,7 @@ def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
             report.problems.append(f"{label}: {exc}")
             continue
         log.debug("authenticated to %s as %s with public key %s", hop.address, hop.user, label)
+        _trace("auth", hop, method="publickey", key=label)
         if remaining and not _interactive_auth(transport, hop, remaining):
             raise _auth_error(hop, report, remaining)
         return
@@ -837,6 +890,7 @@ def _interactive_auth(transport: paramiko.Transport, hop: ResolvedHost, allowed:
     except paramiko.AuthenticationException:
         return False
     log.debug("authenticated to %s as %s interactively", hop.address, hop.user)
+    _trace("auth", hop, method="keyboard-interactive" if "keyboard-interactive" in allowed else "password")
     return not remaining or _interactive_auth(transport, hop, remaining)
 
 
@@ -858,6 +912,32 @@ def _auth_error(hop: ResolvedHost, report: _AuthReport, allowed: list[str]) -> S
             " or set identity_file to a key the server accepts"
         )
     return SSHError("\n".join(lines), host=hop.label, hint=hint)
+
+
+# -- tracing (`remote-kernel doctor`) ----------------------------------------------------------
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[list[dict[str, Any]]]:
+    """Record what ``connect`` does on this thread, for ``remote-kernel doctor``: dicts with an
+    ``event`` (socket, handshake, host_key, auth_offered, auth), the ``hop`` (its label) and the
+    figures, in order. While tracing, authentication first asks the server which methods it
+    offers (the "none" request OpenSSH's client always sends)."""
+    events: list[dict[str, Any]] = []
+    previous = getattr(_tracing, "events", None)
+    _tracing.events = events
+    try:
+        yield events
+    finally:
+        _tracing.events = previous
+
+
+def _trace(event: str, hop: ResolvedHost, **figures: Any) -> None:
+    events = getattr(_tracing, "events", None)
+    if events is not None:
+        events.append({"event": event, "hop": hop.label, **figures})
 
 
 # -- connecting --------------------------------------------------------------------------------
@@ -945,6 +1025,8 @@ def _start_transport(hop: ResolvedHost, sock: Any, via: str, timeout: float) -> 
         transport.use_compression(compress=False)  # compression made 50 MB of output slower
         _prefer_known_key_types(transport, known)
         server_key = _handshake(transport, hop, timeout)
+        _trace("handshake", hop, ms=(time.monotonic() - started) * 1000, cipher=transport.local_cipher,
+               key_type=server_key.get_name(), fingerprint=_fingerprint(server_key.asbytes()))
         _verify_host_key(hop, server_key, known, via)
         handshake_done = time.monotonic()
         _authenticate_or_explain(transport, hop)
@@ -1021,6 +1103,8 @@ def _connect_hop(
         proxies.append(proxy)
     sock = proxy.socket if proxy is not None else _open_socket(hop, via, timeout)
     log.debug("%s: TCP/channel open in %.0f ms", hop.address, (time.monotonic() - started) * 1000)
+    _trace("socket", hop, ms=(time.monotonic() - started) * 1000,
+           via="proxycommand" if proxy is not None else "direct" if via is None else via[0].label)
     jump_spec = ",".join(f"{h.user}@{h.address}" for h in before)
     try:
         return _start_transport(hop, sock, jump_spec, timeout)
