@@ -137,7 +137,8 @@ def test_discover_prints_a_table_and_the_command_that_installs_ipykernel_where_i
     code, out, err = run_cli(capsys, "discover", "lab", "--search", str(remote_envs.search),
                              "--search", "~/no-such-dir", "--config", str(config))
     assert code == 0, err
-    print(out)  # shown with -s: the table as a user sees it (not a terminal: tab-separated)
+    with capsys.disabled():
+        print(out)  # shown with -s: the table as a user sees it (not a terminal: tab-separated)
     lines = out.splitlines()
     assert lines[0].split("\t") == ["env", "kind", "python", "version", "ipykernel", "kernel entry"]
     rows = {line.split("\t")[2]: line.split("\t") for line in lines[1:] if line.count("\t") == 5}
@@ -157,6 +158,8 @@ def test_discover_add_appends_entries_that_validate_keeping_every_byte_and_their
     original = config.read_bytes()
     code, out, err = run_cli(capsys, "discover", "lab", "--search", str(remote_envs.search), "--add",
                              "--prefix", "Team", "--config", str(config))
+    with capsys.disabled():
+        print(out)  # shown with -s
     assert code == 0, err
     assert config.read_bytes().startswith(original)
     assert f"added to {config}: [kernels.team-analysis]" in out

@@ -6,7 +6,9 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from remote_kernel.discover import Addition, Discovery, PlannedEntry
+    from remote_kernel.discover import Addition, Discovery, Environment, PlannedEntry
+    from remote_kernel.kernelspec import SyncPlan
+    from remote_kernel.sync import SyncResult
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -49,13 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace, found: Discovery, planned: list[PlannedEntry], addition: Addition) -> int:
-    from remote_kernel import console, discover
+    from remote_kernel import console
     from remote_kernel.commands import sync_cmd
-    from remote_kernel.kernelspec import desired_specs
-    from remote_kernel.sync import launcher_python, sync_kernelspecs, user_kernels_dir
 
-    config_path = addition.prepared.path
-    extra = {**_document(found, planned), "config": str(config_path), "added": list(addition.names)}
+    extra = {**_document(found, planned), "config": str(addition.prepared.path), "added": list(addition.names)}
     if not addition.names:
         if args.json:
             console.emit_json("discover", {"ok": True, **extra})
@@ -64,22 +63,31 @@ def _add(args: argparse.Namespace, found: Discovery, planned: list[PlannedEntry]
             console.emit_line("nothing to add: " + ("every environment with ipykernel is already configured"
                                                    if planned else "no environment with ipykernel was found"))
         return 0
-    loaded = addition.prepared.loaded
-    kernels_dir = user_kernels_dir()
-    desired = desired_specs([loaded.entry(name) for name in addition.names], kernels_dir=kernels_dir,
-                            config_path=config_path, python=launcher_python(None))
-    # Refuse before touching the config file if the kernelspecs could not be written anyway.
-    plan, _ = sync_kernelspecs(desired, kernels_dir=kernels_dir, config_path=config_path, prune=False, dry_run=True)
-    if not plan.conflicts:
-        discover.write_addition(addition)
-        plan, result = sync_kernelspecs(desired, kernels_dir=kernels_dir, config_path=config_path, prune=False)
-    else:
-        result = None
+    plan, result, written = _write_and_sync(addition)
     if not args.json:
         _print(found, planned)
-        if result is not None:
-            console.emit_line(f"added to {config_path}: " + ", ".join(f"[kernels.{n}]" for n in addition.names))
+        if written:
+            names = ", ".join(f"[kernels.{name}]" for name in addition.names)
+            console.emit_line(f"added to {addition.prepared.path}: {names}")
     return sync_cmd.report(args, plan, result, mode="apply", command="discover", extra=extra)
+
+
+def _write_and_sync(addition: Addition) -> tuple[SyncPlan, SyncResult | None, bool]:
+    """Write the entries and sync them, as `install -t` does: nothing is written to the config
+    file (False) when their kernelspecs could not be written anyway (the plan's conflicts)."""
+    from remote_kernel import discover
+    from remote_kernel.kernelspec import desired_specs
+    from remote_kernel.sync import launcher_python, sync_kernelspecs, user_kernels_dir
+
+    path, loaded, kernels_dir = addition.prepared.path, addition.prepared.loaded, user_kernels_dir()
+    desired = desired_specs([loaded.entry(name) for name in addition.names], kernels_dir=kernels_dir,
+                            config_path=path, python=launcher_python(None))
+    plan, _ = sync_kernelspecs(desired, kernels_dir=kernels_dir, config_path=path, prune=False, dry_run=True)
+    if plan.conflicts:
+        return plan, None, False
+    discover.write_addition(addition)
+    plan, result = sync_kernelspecs(desired, kernels_dir=kernels_dir, config_path=path, prune=False)
+    return plan, result, True
 
 
 def _report(args: argparse.Namespace, found: Discovery, planned: list[PlannedEntry]) -> None:
@@ -112,7 +120,7 @@ def _print(found: Discovery, planned: list[PlannedEntry]) -> None:
             console.emit_line(f"  {environment.install_command}")
 
 
-def _row(environment: Any, planned: PlannedEntry | None) -> list[str]:
+def _row(environment: Environment, planned: PlannedEntry | None) -> list[str]:
     if environment.error is not None:
         ipykernel = f"? ({environment.error})"
     elif environment.has_ipykernel:

@@ -115,11 +115,17 @@ class Finder:
         self.found: "List[Dict[str, Any]]" = []
         self.seen: "Set[str]" = set()
         self.notes: "List[str]" = []
+        self.capped = False
 
     def add(self, kind: str, name: str, prefix: str, python: "Optional[str]" = None) -> None:
         python = python or env_python(prefix)
         key = os.path.realpath(prefix)
-        if python is None or key in self.seen or len(self.found) >= MAX_ENVIRONMENTS:
+        if python is None or key in self.seen:
+            return
+        if len(self.found) >= MAX_ENVIRONMENTS:
+            if not self.capped:
+                self.capped = True
+                self.notes.append("only the first %d environments are listed" % MAX_ENVIRONMENTS)
             return
         self.seen.add(key)
         self.found.append({"kind": kind, "name": name, "prefix": prefix, "python": python})
