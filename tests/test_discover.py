@@ -342,3 +342,30 @@ def test_the_marker_is_the_probes_own() -> None:
     from remote_kernel.remote import discover_probe
 
     assert discover_probe.MARKER == discover.MARKER
+
+
+def test_the_probe_parses_as_python_3_8() -> None:
+    import ast
+
+    ast.parse(discover.PROBE_SOURCE.read_text(encoding="utf-8"), feature_version=(3, 8))
+
+
+def _older_pythons() -> list[str]:
+    """Interpreters older than ours on this machine (the probe promises Python 3.8+)."""
+    import glob
+    import os
+
+    found = {shutil.which(f"python3.{minor}") for minor in (8, 9, 10)}
+    pyenv = os.environ.get("PYENV_ROOT")
+    if pyenv:
+        found |= set(glob.glob(f"{pyenv}/versions/3.[89].*/bin/python3.[89]"))
+    return sorted(path for path in found if path and "/shims/" not in path)  # shims fail unless selected
+
+
+@pytest.mark.parametrize("python", _older_pythons() or [pytest.param("", marks=pytest.mark.skip(
+    reason="no Python 3.8-3.10 here; test_the_probe_parses_as_python_3_8 still checks the syntax"))])
+def test_discover_runs_with_an_older_remote_python(python: str, remote_envs: RemoteEnvs, sshd: SSHServer) -> None:
+    found = discover.discover(sshd.host_entry(), [str(remote_envs.search)], python=python)
+    rows = {env.python: env for env in found.environments}
+    assert rows[python_of(remote_envs.with_ipykernel)].usable
+    assert rows[python_of(remote_envs.without_ipykernel)].ipykernel is None
