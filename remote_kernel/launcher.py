@@ -11,8 +11,6 @@ the reason when it died, so Jupyter's restarter can act.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -27,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote_kernel import bootstrap, connection
+from remote_kernel import bootstrap, connection, records
 from remote_kernel.backends import Backend, Connector, DirectConnector, Locator, backend_for
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
@@ -346,16 +344,7 @@ class Launcher:
 
     def _save_stderr(self, lines: list[str]) -> Path | None:
         """The remote stderr of a failed start, in the runtime dir (0600: it is the user's output)."""
-        try:
-            directory = (self.runtime_dir or _jupyter_runtime_dir()) / "remote-kernel"
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = directory / f"{self.entry.name}.stderr.log"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write("\n".join(lines) + "\n")
-        except OSError:
-            return None
-        return path
+        return records.save_stderr_log(self.runtime_dir or _jupyter_runtime_dir(), self.entry.name, lines)
 
     def _drain_remote_output(self) -> None:
         """Handle the stderr/log events already queued (before an error is raised from them)."""
@@ -531,42 +520,28 @@ class Launcher:
         """Where a restart finds the kernel it replaces (keyed by the connection file)."""
         if self.requested_file is None:
             return None
-        digest = hashlib.sha256(str(self.requested_file.resolve()).encode()).hexdigest()[:24]
-        return (self.runtime_dir or _jupyter_runtime_dir()) / "remote-kernel" / f"{digest}.json"
+        return records.restart_record_path(self.runtime_dir or _jupyter_runtime_dir(), self.requested_file)
 
     def _previous_kernel(self) -> dict[str, str] | None:
         """The kernel a `restart(now=True)` left behind: its launcher was SIGKILLed, so its agent
         waits out the lease. The new agent stops it at once instead (the token proves ownership)."""
         path = self._state_file()
-        if path is None or not path.exists():
+        record = records.load_restart_record(path) if path is not None else None
+        if record is None or record.host != self.entry.host.label or pid_alive(record.pid):
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if data.get("host") != self.entry.host.label or pid_alive(int(data.get("pid", 0))):
-            return None
-        return {"dir": str(data["dir"]), "token": str(data["token"])}
+        return {"dir": record.dir, "token": record.token}
 
     def _write_state_file(self) -> None:
         path = self._state_file()
         if path is None or self.state.remote_dir is None:
             return
-        record = {"pid": os.getpid(), "host": self.entry.host.label, "dir": self.state.remote_dir,
-                  "token": self.token}
-        # Holds the reattach token: 0600 in a 0700 directory, like a connection file.
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.replace(temporary, path)
+        records.save_restart_record(path, records.RestartRecord(
+            pid=os.getpid(), host=self.entry.host.label, dir=self.state.remote_dir, token=self.token))
 
     def _forget_state_file(self) -> None:
         path = self._state_file()
         if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            records.forget_restart_record(path)
 
     # ------------------------------------------------------------------------------ cleanup
 
