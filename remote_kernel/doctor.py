@@ -452,7 +452,7 @@ def _remote_steps(walk: _Walk, conn: Any, entries: list[KernelEntry], *, strict_
 
 def _login_shell_step(walk: _Walk, conn: Any, entry: KernelEntry, answer: _Probe, timeout: float) -> None:
     login = (answer.found or {}).get("login") or {}
-    shell = login.get("login_shell") or "(unknown: the probe did not run)"
+    shell = login.get("login_shell") or "the login shell (not named: python did not start)"
     if not answer.noise:
         walk.add("login shell", "ok", f"{shell}; prints nothing on stdout before the program")
         return
@@ -732,19 +732,24 @@ def _walk_host(walk: _Walk, host: HostEntry, entries: list[KernelEntry], *, time
         walk.skip("kernel round trip", f"{walk.blocker or 'an earlier step'} failed")
 
 
-def prepare() -> None:
-    """Before checking hosts on threads: import paramiko here (two threads importing it at once
-    see a half-initialised module) and keep its transport threads' tracebacks quiet."""
+def prepare(hosts: list[HostEntry]) -> None:
+    """Before checking hosts on threads: resolve them here, which imports paramiko (two threads
+    importing it at once see a half-initialised module; a failure is the host's ssh config step
+    later), and keep paramiko's transport threads' tracebacks quiet."""
+    import contextlib
+
     from remote_kernel import inventory, ssh
 
     inventory.silence_paramiko()
-    ssh._load_paramiko()
+    for host in hosts:
+        with contextlib.suppress(RemoteKernelError):
+            ssh.resolve_host(host)
 
 
 def check_all(plans: list[tuple[HostEntry, list[KernelEntry]]], config: Step, *,
               timeout: float = CONNECT_TIMEOUT) -> list[Report]:
     """Every host at once, each on a thread; a host whose checks outlive their bound is a failure."""
-    prepare()
+    prepare([host for host, _ in plans])
     reports: list[Report | None] = [None] * len(plans)
 
     def run(index: int, host: HostEntry, entries: list[KernelEntry]) -> None:

@@ -275,3 +275,24 @@ def test_ssh_config_origins_name_the_file_and_line_of_each_value_through_an_incl
     assert origins.values["proxyjump"] == f"{included}:3"
     assert origins.values["user"] == f"{config}:3"
     assert "port" not in origins.values
+
+
+def test_doctor_host_through_an_included_proxy_jump_shows_each_values_line_and_each_hop(
+    tmp_path: Path, sshd: SSHServer, isolated_env: Any
+) -> None:
+    included = isolated_env.ssh_dir / "conf.d" / "lab.conf"
+    included.parent.mkdir()
+    included.write_text(sshd.ssh_config_block("viajump") + "    ProxyJump jumpbox\n")
+    (isolated_env.ssh_dir / "config").write_text("Include conf.d/*.conf\n" + sshd.ssh_config_block("jumpbox"))
+    config = write_config(tmp_path / "remote-kernels.toml", hosts={}, kernels={})
+    result = doctor(config, "viajump")
+    steps = step_lines(result.stdout)
+    assert status_of(steps["ssh config"]) == "ok" and "via jumpbox" in steps["ssh config"], result.stdout
+    details = lines_after(result.stdout, steps["ssh config"])
+    assert f"Include: {included}" in details
+    assert f"proxyjump from {included}:10" in details and f"port from {included}:3" in details, details
+    assert f"jump chain: jumpbox ({sshd.user}@127.0.0.1:{sshd.port}) -> viajump" in details
+    for name in ("ssh handshake", "host key", "auth"):
+        assert status_of(steps[name]) == "ok" and "jumpbox: " in steps[name] and "viajump: " in steps[name]
+    assert "jump host (jumpbox) must allow it for ProxyJump, and did" in steps["port forwarding"]
+    assert_no_traceback(result)

@@ -43,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
         _emit_config_failure(args, config)
         return EXIT_USAGE
     if args.target is None:
-        reports = doctor.check_all(_plans(loaded), config, timeout=args.timeout)
+        plans = _plans(loaded)
+        if not plans and not args.json:
+            _print_step(config)
+            _line("nothing else to check: the config has no hosts or kernels")
+            return EXIT_OK
+        reports = doctor.check_all(plans, config, timeout=args.timeout)
         _emit_all(args, reports)
         return EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
     report = _check_target(args, loaded, config)
