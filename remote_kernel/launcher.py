@@ -11,6 +11,7 @@ the reason when it died, so Jupyter's restarter can act.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import queue
@@ -37,6 +38,7 @@ progress = logging.getLogger("remote_kernel.progress")  # console.PROGRESS_LOGGE
 
 AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the agent to end
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
+STOP_RECONNECT_WAIT = 20.0  # a stop while the link is down: time to reattach and deliver it
 ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 STDERR_TAIL = 20  # lines of remote stderr in an error; the rest goes to a file (error_log_path)
@@ -53,9 +55,27 @@ RELAYED_SIGNALS = {signal.SIGINT: "interrupt"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
+class Phase(enum.Enum):
+    STARTING = "starting"  # connecting, setup lines, the kernel opening its sockets
+    RUNNING = "running"  # ready, the link up
+    RECONNECTING = "reconnecting"  # the link dropped; the kernel waits under its lease
+    STOPPING = "stopping"  # shutdown requested: delivered (reconnecting if need be), then exit
+
+
+# Which phase may follow which. STOPPING is final: a reattach that completes while stopping (to
+# deliver the shutdown) must not make the kernel "running" again, and no drop un-stops it.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.STOPPING}),
+    Phase.RUNNING: frozenset({Phase.RECONNECTING, Phase.STOPPING}),
+    Phase.RECONNECTING: frozenset({Phase.RECONNECTING, Phase.RUNNING, Phase.STOPPING}),
+    Phase.STOPPING: frozenset(),
+}
+
+
 @dataclass
 class _State:
-    phase: str = "starting"  # starting | running | reconnecting | stopping
+    phase: Phase = Phase.STARTING
+    link_down: bool = False  # no uplink: a drop not yet reattached (in any phase)
     remote_dir: str | None = None
     kernel_pid: int | None = None
     stop_reason: str | None = None
@@ -230,17 +250,25 @@ class Launcher:
     def _tick(self) -> int | None:
         now = time.monotonic()
         state = self.state
-        if self._stop_signal.is_set() and state.phase != "stopping":
+        if self._stop_signal.is_set() and state.phase is not Phase.STOPPING:
             self._begin_shutdown(now)
-        if state.phase == "stopping" and now > state.shutdown_deadline:
+        if state.phase is Phase.STOPPING and now > state.shutdown_deadline:
             log.warning("the remote kernel did not confirm its shutdown; it will be reaped after "
                         "reconnect_grace=%g s", self.entry.reconnect_grace)
             return EXIT_OK
-        if state.phase == "reconnecting" and now >= state.next_attempt:
+        if state.link_down and state.phase in (Phase.RECONNECTING, Phase.STOPPING) and now >= state.next_attempt:
             self._try_reattach(now)
-        if state.phase == "starting":
+        if state.phase is Phase.STARTING:
             self._watch_start(now)
         return None
+
+    def _enter(self, phase: Phase) -> bool:
+        """Move to ``phase`` if the table allows it (False, and no change, otherwise)."""
+        if phase not in TRANSITIONS[self.state.phase]:
+            log.debug("phase %s -> %s not taken", self.state.phase.value, phase.value)
+            return False
+        self.state.phase = phase
+        return True
 
     def _watch_start(self, now: float) -> None:
         """No agent answers pings while setup lines run (minutes, for a `module load` on a busy
@@ -292,8 +320,7 @@ class Launcher:
         self.locator = self.backend.locator(self.entry, data)
         self.state.remote_dir = self.locator.dir
         self.state.kernel_pid = data.get("kernel_pid")
-        if self.state.phase == "starting":
-            self.state.phase = "running"
+        self._enter(Phase.RUNNING)
         self._write_state_file()
         progress.info("ready in %.1f s: kernel pid %s on %s, Python %s", time.monotonic() - self.started,
                       data.get("kernel_pid"), self.entry.host.label, data.get("python"), extra={"final": True})
@@ -322,7 +349,7 @@ class Launcher:
         the error that ends the launch, whose tail is capped and whose whole text goes to a file."""
         state = self.state
         state.stderr_seen += 1
-        live = state.phase != "starting" or state.stderr_seen <= LIVE_STDERR_LINES
+        live = state.phase is not Phase.STARTING or state.stderr_seen <= LIVE_STDERR_LINES
         state.stderr_tail.append((line, live))
         if live:
             remote_log.warning("remote: %s", line)
@@ -369,10 +396,23 @@ class Launcher:
                         lines, dropped)
         else:
             log.warning("reattached to the remote kernel after %.1f s; nothing was lost", lost_for)
-        self.state.phase = "running"
+        self.state.link_down = False
         self.state.attempt = 0
+        self._enter(Phase.RUNNING)  # not while stopping: the queued shutdown goes out now
 
     def _on_crashed(self, event: Event) -> int:
+        from remote_kernel.protocol import ProtocolError
+
+        if isinstance(event.data, ProtocolError) and self.state.phase is Phase.STARTING:
+            # Before the agent's first frame, garbage on stdout is almost always the login shell
+            # printing (an rc file that echoes for non-interactive shells too).
+            raise LaunchError(
+                f"cannot start kernel {self.entry.name!r} on {self.entry.host.label}: something printed on the "
+                f"remote login's stdout before the agent started ({event.data})",
+                hint="a ~/.bashrc, ~/.cshrc or setup line that prints breaks ssh tools: print only in interactive "
+                     f"shells (`[ -z \"$PS1\" ] || echo ...`) or send it to stderr; "
+                     f"`remote-kernel doctor {self.entry.name}` shows what was printed",
+            ) from event.data
         raise LaunchError(f"internal error in the data path: {event.data!r}") from event.data
 
     def _on_exited(self, event: Event) -> int:
@@ -381,7 +421,7 @@ class Launcher:
         self._await_agent_exit(AGENT_EXIT_WAIT)
         data = event.data
         self._forget_state_file()
-        if self.state.phase == "starting":
+        if self.state.phase is Phase.STARTING:
             reason = str(data.get("reason"))
             if data.get("code") == 0:
                 reason += " before it was ready (it never opened its sockets)"
@@ -389,7 +429,7 @@ class Launcher:
                               stderr_tail=self._unshown_stderr(data.get("stderr_tail")),
                               hint=_hint_for(self._all_stderr(data.get("stderr_tail")))
                               or "check `command` and `kernel_args`: the kernel command must keep running")
-        if self.state.phase == "stopping" or self._stop_signal.is_set() or data.get("code") == 0:
+        if self.state.phase is Phase.STOPPING or self._stop_signal.is_set() or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
             return EXIT_OK
         raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
@@ -413,28 +453,32 @@ class Launcher:
 
     def _on_link_lost(self, event: Event) -> int | None:
         status = _exit_status(event.uplink)
-        if self.state.phase == "starting" or self.state.remote_dir is None:
+        state = self.state
+        if state.phase is Phase.STARTING or state.remote_dir is None:
             self._take_stderr(event.uplink)
             self._drain_remote_output()
             self._raise_startup_failure(status)
-        if self.state.phase == "stopping":
-            return EXIT_OK
-        if self.state.phase == "reconnecting" and status == ATTACH_EXIT_GONE:
+        if status == ATTACH_EXIT_GONE or (state.phase is Phase.STOPPING and status == 0):
             self._forget_state_file()
+            if state.phase is Phase.STOPPING:
+                return EXIT_OK  # what we were asked for: nothing is left
             raise LaunchError(f"the remote kernel on {self.entry.host.label} is gone: it was reaped "
                               f"after reconnect_grace={self.entry.reconnect_grace:g} s or it died",
                               stderr_tail=self._unshown_stderr())
         now = time.monotonic()
-        if self.state.phase == "running":
-            self.state.lost_at = now
-            self.state.attempt = 0
-            self.state.next_attempt = now
-            log.warning("lost the connection to %s: %s, reconnecting for up to %g s (reconnect_grace)",
-                        self.entry.host.label, event.data, self.entry.reconnect_grace)
+        if not state.link_down:
+            state.link_down, state.lost_at, state.attempt, state.next_attempt = True, now, 0, now
+            log.warning("lost the connection to %s: %s, reconnecting for up to %.0f s (%s)", self.entry.host.label,
+                        event.data, *self._reconnect_limit())
         else:  # the channel of a reattach attempt closed: back off before the next one
-            self.state.next_attempt = now + _backoff(self.state.attempt)
-        self.state.phase = "reconnecting"
+            state.next_attempt = now + _backoff(state.attempt)
+        self._enter(Phase.RECONNECTING)  # while stopping: stay, and reconnect to deliver the shutdown
         return None
+
+    def _reconnect_limit(self) -> tuple[float, str]:
+        if self.state.phase is Phase.STOPPING:
+            return max(0.0, self.state.shutdown_deadline - time.monotonic()), "to deliver the shutdown"
+        return self.entry.reconnect_grace, "reconnect_grace"
 
     def _take_stderr(self, channel: Any) -> None:
         """Whatever the remote command wrote on stderr before its channel closed."""
@@ -466,7 +510,7 @@ class Launcher:
 
     def _try_reattach(self, now: float) -> None:
         state = self.state
-        if now - state.lost_at > self.entry.reconnect_grace:
+        if state.phase is not Phase.STOPPING and now - state.lost_at > self.entry.reconnect_grace:
             raise LaunchError(f"could not reconnect to {self.entry.host.label} within reconnect_grace="
                               f"{self.entry.reconnect_grace:g} s; the remote kernel has been reaped",
                               hint="check the network or the host; raise reconnect_grace for longer outages")
@@ -487,8 +531,10 @@ class Launcher:
     # ------------------------------------------------------------------------------ stopping
 
     def _begin_shutdown(self, now: float) -> None:
-        self.state.phase = "stopping"
-        self.state.shutdown_deadline = now + SHUTDOWN_WAIT
+        self._enter(Phase.STOPPING)
+        # With the link down the shutdown waits for a reattach (the agent keeps the kernel under its
+        # lease until then): allow for one, instead of leaving the kernel to the lease.
+        self.state.shutdown_deadline = now + SHUTDOWN_WAIT + (STOP_RECONNECT_WAIT if self.state.link_down else 0)
         log.info("stopping the remote kernel (%s)", self.state.stop_reason or "requested")
         self._tunnel.request_shutdown()
 

@@ -249,7 +249,7 @@ def test_the_launcher_log_at_vvv_never_holds_the_key_or_the_token(
     log = kernel.launcher.stderr
     # -vvv really captured the third-party debug logs (paramiko's key exchange) and ours.
     assert "Kex" in log or "Key exchange" in log, log[-2000:]
-    assert "kernel ready" in log
+    assert "ready in" in log  # the launch got as far as the kernel
     for secret in (kernel.key, kernel.token):
         assert secret not in log
         assert secret not in sshd.log_tail(10_000)
