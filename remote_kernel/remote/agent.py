@@ -684,7 +684,7 @@ class Agent:
             self._drop_stream(stream, tell_peer=True)
             return
         if stream.framer is not None:
-            data = stream.framer.feed(data, self.output_backlog - self._backlog(), self._drop_notice)
+            data = stream.framer.feed(data, self._room(stream.framer), self._drop_notice)
             if not data:
                 return
         self.outbox.put(P.DATA, stream.sid, data)
@@ -939,14 +939,19 @@ class Agent:
         """Bytes read from the kernel that the launcher has not acknowledged."""
         return self.sender.unacked_bytes + self.outbox.bulk_bytes
 
+    def _room(self, framer: IopubFramer) -> int:
+        """Bytes of output the backlog takes before the next message is dropped. Once dropping,
+        keep dropping until a quarter of the backlog is free again: one gap and one notice per
+        outage, not one every time an acknowledgement frees a few KiB while it is re-sent."""
+        room = self.output_backlog - self._backlog()
+        return room - self.output_backlog // 4 if framer.dropped else room
+
     def _report_drops_at_boundaries(self) -> None:
         """A run of dropped messages that no kept message has ended yet (the output stopped):
         reported once the backlog has room again, between two messages."""
-        if self._backlog() >= self.output_backlog:
-            return
         for stream in self.streams.values():
             framer = stream.framer
-            if framer is not None and framer.dropped and framer.at_boundary():
+            if framer is not None and framer.dropped and framer.at_boundary() and self._room(framer) > 0:
                 self.outbox.put(P.DATA, stream.sid, self._drop_notice(framer))
 
     def _drop_notice(self, framer: IopubFramer) -> bytes:
