@@ -12,6 +12,7 @@ speaks SSH costs the whole command one connect timeout, not one per host (issue 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -38,13 +39,17 @@ class HostTarget:
 
     host: HostEntry
     python: str
+    runtime_dirs: tuple[str, ...] = ()  # every runtime_dir its entries name (the agent looks there too)
 
 
 def targets_from_entries(entries: list[KernelEntry], hosts: list[HostEntry], only: str | None) -> list[HostTarget]:
     """One target per distinct host (by label), the python of its first kernel entry."""
     found: dict[str, HostTarget] = {}
     for entry in entries:
-        found.setdefault(entry.host.label, HostTarget(entry.host, entry.python))
+        target = found.setdefault(entry.host.label, HostTarget(entry.host, entry.python))
+        if entry.runtime_dir and entry.runtime_dir not in target.runtime_dirs:
+            dirs = (*target.runtime_dirs, entry.runtime_dir)
+            found[entry.host.label] = dataclasses.replace(target, runtime_dirs=dirs)
     for host in hosts:
         found.setdefault(host.label, HostTarget(host, DEFAULT_PYTHON))
     selected = [t for t in found.values() if only is None or only in (t.host.name, t.host.label, t.host.hostname)]
@@ -133,6 +138,7 @@ def ask_host(target: HostTarget, request: dict[str, Any], *, resolved: Any = Non
     from remote_kernel import ssh
 
     entry = KernelEntry(name="inventory", host=target.host, display_name="", python=target.python)
+    request = {**request, "runtime_dir": list(target.runtime_dirs)}
     with ssh.connect(resolved or target.host, timeout=CONNECT_TIMEOUT) as conn:
         channel = backend_for(entry).query(conn, entry, request)
         stdout, stderr = _read_all(channel)

@@ -40,7 +40,9 @@ AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the ag
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
 STOP_RECONNECT_WAIT = 20.0  # a stop while the link is down: time to reattach and deliver it
 ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+# Capped low: once the path returns, the next attempt should come within seconds (issue 12), and an
+# attempt costs one key-authenticated login (an interactive one is never retried: it needs a prompt).
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
 STDERR_TAIL = 20  # lines of remote stderr in an error; the rest goes to a file (error_log_path)
 STDERR_KEPT = 2000  # lines kept for that file
 LIVE_STDERR_LINES = 40  # remote stderr lines logged live while starting; the rest waits for the error

@@ -49,6 +49,7 @@ RELEASE_STEP = 1024 * 1024  # wake the pump to grant SSH window after this much 
 BULK_LIMIT = 4 * 1024 * 1024  # stop reading clients while this much waits in the outbox
 WRITE_BATCH = 512 * 1024
 DIRECT_LIMIT = 64 * 1024  # a client's frame this small is written by the pump itself when it can
+REFUSAL_LOG_INTERVAL = 10.0  # seconds: at most one "refused a connection" warning per interval
 FLUSH_TIMEOUT = 2.0
 EXIT_STATUS_WAIT = 1.0  # seconds to wait for the exit-status that may follow EOF
 CLIENT_LIMIT = 256  # client connections per port; beyond it new ones are closed at once
@@ -142,6 +143,8 @@ class Tunnel:
         self._last_ack = time.monotonic()
         self._last_ping = time.monotonic()
         self._failure: BaseException | None = None
+        self._refused = 0  # connections refused by the owner check
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL
         self._threads = [
             threading.Thread(target=self._guard, args=(self._pump,), name="rk-pump", daemon=True),
             threading.Thread(target=self._guard, args=(self._writer,), name="rk-writer", daemon=True),
@@ -500,7 +503,12 @@ class Tunnel:
         if uid is None and not can_see_socket_owners():
             return True  # no /proc/net/tcp (macOS, BSD): owners cannot be seen, as before; the key guards sending
         owner = "an owner that could not be determined" if uid is None else f"uid {uid}"
-        log.warning("refused a connection to the kernel from %s (only uid %d may connect)", owner, os.getuid())
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:  # a flood must not flood the log
+            log.warning("refused a connection to the kernel from %s (only uid %d may connect; %d refused so far)",
+                        owner, os.getuid(), self._refused)
+            self._refusal_logged = now
         return False
 
     def _read_client(self, stream: ClientStream) -> None:

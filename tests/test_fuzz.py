@@ -69,13 +69,17 @@ PLAUSIBLE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "proxy_jump": st.lists(HOST_NAMES | TARGETS, max_size=3),
     "host_key_policy": st.sampled_from(["strict", "accept-new"] * 4 + ["yes"]),
     "keepalive": SECONDS,
+    "runtime_dir": STRINGS, "launcher": st.sampled_from(["argv", "provisioner"] * 4 + ["systemd"]),
+    "output_backlog": st.integers(-1, 1 << 40) | st.sampled_from(["64MiB", "1G", "lots", "0"]),
 }
 
 
 def plausible(fields: list[str], required: tuple[str, ...] = ()) -> st.SearchStrategy[Any]:
     return st.fixed_dictionaries(
-        {field: PLAUSIBLE_FIELDS[field] for field in required},
-        optional={field: PLAUSIBLE_FIELDS[field] for field in fields if field not in required},
+        {field: PLAUSIBLE_FIELDS.get(field, STRINGS) for field in required},
+        # A field without its own strategy still gets plausible junk: the file must only ever fail
+        # with config errors, whatever a new key holds.
+        optional={field: PLAUSIBLE_FIELDS.get(field, STRINGS) for field in fields if field not in required},
     )
 
 

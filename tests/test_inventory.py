@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -135,3 +137,23 @@ def test_a_kernel_reached_through_two_configured_hosts_is_shown_once_with_both(
     assert [host.split(" ")[-1] for host in rows[0]["hosts"]] == ["(alias-a)", "(alias-b)"]
     ours = [line for line in table.stdout.splitlines() if f"\t{facts.agent_pid}\t" in line]
     assert len(ours) == 1 and "(alias-a)" in ours[0] and "(alias-b)" in ours[0], table.stdout
+
+
+def test_ps_finds_a_kernel_whose_entry_sets_runtime_dir(
+    tmp_path: Path, sshd: SSHServer, remote_python: Path
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="rk-rt-", dir="/tmp"))  # short: IPC socket paths are limited
+    try:
+        config = write_config(tmp_path / "remote-kernels.toml", hosts={"fixture": host_table(sshd)},
+                              kernels={"inv-rt": kernel_table("fixture", remote_python, runtime_dir=str(base))})
+        result = run_cli(["--config", str(config), "sync"])
+        assert result.returncode == 0, result.stderr
+        with started_kernel("inv-rt") as (_, kc):
+            facts = kernel_facts(kc)
+            assert str(facts.remote_dir).startswith(str(base)), facts
+            listed = run_cli(["--config", str(config), "ps", "--json"])
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)["kernels"]
+        assert [row for row in rows if row["agent_pid"] == facts.agent_pid], listed.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

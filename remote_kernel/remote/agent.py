@@ -1094,7 +1094,7 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------------------------------ listing
 
 
-def list_agents(runtime_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+def list_agents(runtime_dir: Any = None) -> List[Dict[str, Any]]:
     """Our kernel directories on this host, for `remote-kernel ps` / `gc`: under ``runtime_dir``
     (the entry's config key) and under the default temporary directory (kernels started before
     runtime_dir was set)."""
@@ -1105,9 +1105,12 @@ def list_agents(runtime_dir: Optional[str] = None) -> List[Dict[str, Any]]:
     return found
 
 
-def _bases(runtime_dir: Optional[str]) -> List[str]:
+def _bases(runtime_dir: Any) -> List[str]:
+    """The private bases to look in: each of ``runtime_dir`` (one, or a list: every runtime_dir
+    the host's entries name), then the default temporary directory."""
+    wanted = list(runtime_dir) if isinstance(runtime_dir, (list, tuple)) else [runtime_dir] if runtime_dir else []
     bases: List[str] = []
-    for choice in ([runtime_dir] if runtime_dir else []) + [None]:
+    for choice in [*wanted, None]:
         try:
             path = os.path.realpath(base_path(choice))
         except AgentError:
@@ -1137,7 +1140,7 @@ def _agent_info(path: str) -> Dict[str, Any]:
 STALE_MIN_AGE = 60.0  # never touch a directory younger than this: its agent may be starting
 
 
-def collect_garbage(dry_run: bool, runtime_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+def collect_garbage(dry_run: bool, runtime_dir: Any = None) -> List[Dict[str, Any]]:
     """Remove directories whose agent is gone; stop agents orphaned well past their lease."""
     actions = []
     now = time.time()
