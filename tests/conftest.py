@@ -7,6 +7,7 @@ sshd on 127.0.0.1 (tests/sshd.py) whose logins get their own HOME too.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -86,6 +87,20 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IsolatedEnv
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return env
+
+
+@pytest.fixture(autouse=True)
+def restored_logging() -> Iterator[None]:
+    """Commands run in-process (cli.main) set log levels, handlers and propagation for the rest of
+    their process (doctor quiets loggers, ps silences paramiko, setup_logging replaces the root's
+    handlers): put every logger back as it was, so no test's logging depends on an earlier one."""
+    loggers = [logging.getLogger(), *(item for item in logging.root.manager.loggerDict.values()
+                                       if isinstance(item, logging.Logger))]
+    saved = [(logger, logger.level, logger.propagate, logger.disabled, list(logger.handlers)) for logger in loggers]
+    yield
+    for logger, level, propagate, disabled, handlers in saved:
+        logger.setLevel(level)
+        logger.propagate, logger.disabled, logger.handlers = propagate, disabled, handlers
 
 
 def _require_sshd() -> None:

@@ -853,5 +853,6 @@ def test_another_user_binding_the_owners_client_port_on_another_loopback_address
         assert pid_alive(kernel.facts.pid)
     accepted = [verdict for verdict in verdicts if verdict[2] != "closed"]
     assert (len(verdicts), accepted) == (ATTACK_TRIES, []), f"{len(accepted)} of {len(verdicts)} tries got in"
+    # Refusals are logged at most once per 10 s, with a running count (a flood must not flood the log).
     refusals = re.findall(rf"refused a connection to the kernel from uid {os_user.uid}\b", kernel.launcher.stderr)
-    assert len(refusals) == ATTACK_TRIES, kernel.launcher.stderr[-3000:]
+    assert 1 <= len(refusals) <= 3, kernel.launcher.stderr[-3000:]
