@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from jupyter_client.manager import KernelManager
+from jupyter_server_helper import jupyter_server
 from launch_helpers import (
     collect,
     connect_client,
     execute,
     kernel_facts,
+    pid_alive,
     remote_leftovers,
     run_cli,
     single_kernel_config,
@@ -158,3 +160,31 @@ def test_the_same_spec_launches_through_its_argv_where_no_provisioner_is_used(
 def _child_pids() -> set[int]:
     """Direct children of this test process (a launcher subprocess would be one)."""
     return set(children_of(os.getpid()))
+
+
+@pytest.mark.slow
+def test_jupyter_server_starts_a_provisioner_kernel_runs_code_on_it_and_shuts_it_down(
+    synced: Synced, tmp_path: Path
+) -> None:
+    synced("prov-server")
+    with jupyter_server(tmp_path) as server:
+        status, kernel = server.request("POST", "/api/kernels", {"name": "prov-server"})
+        assert status == 201, (status, kernel, server.log()[-3000:])
+        result = server.execute(kernel["id"], "import os; print('pid', os.getpid(), os.environ.get('JPY_PARENT_PID'))")
+        assert result["status"] == "ok", (result, server.log()[-3000:])
+        _, pid, agent_pid = result["stdout"].split()
+        assert "remote-kernel" in server.log()  # our steps reach the server's log
+        assert server.request("DELETE", f"/api/kernels/{kernel['id']}")[0] == 204
+        assert wait_until(lambda: not (pid_alive(int(pid)) or pid_alive(int(agent_pid))), timeout=15)
+
+
+@pytest.mark.slow
+def test_a_failed_start_in_jupyter_server_is_an_error_with_the_reason_and_no_ghost_kernel(
+    synced: Synced, python_without_ipykernel: Path, tmp_path: Path
+) -> None:
+    synced("prov-server-bad", python=python_without_ipykernel)
+    with jupyter_server(tmp_path) as server:
+        status, body = server.request("POST", "/api/kernels", {"name": "prov-server-bad"})
+        assert status >= 500, (status, body)
+        assert "ipykernel" in json.dumps(body) or "ipykernel" in server.log(), (body, server.log()[-3000:])
+        assert server.request("GET", "/api/kernels")[1] == []  # no kernel id left that never answers
