@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from remote_kernel.entry import DEFAULT_KEEPALIVE, HOST_KEY_POLICIES, HostEntry, parse_target
 from remote_kernel.errors import ConfigError, ConfigProblem, HostKeyError, SSHError
@@ -61,7 +61,17 @@ def _load_paramiko() -> Any:
       ssh_config; _SSHConfig hands it over when a config has one (_enable_match_exec);
     - importlib.metadata: paramiko imports it (~10 ms: email, zipfile, csv...) for one call,
       ``metadata.version("paramiko")``; a stand-in answers it from the dist-info directory name.
-    Both stand-ins leave sys.modules as soon as paramiko is loaded."""
+    Both stand-ins leave sys.modules as soon as paramiko is loaded.
+    Locked: while one thread imports it, sys.modules holds a half-initialised paramiko that a
+    second thread (two kernels starting at once in the service or the provisioner) must not use."""
+    with _PARAMIKO_LOCK:
+        return _import_paramiko()
+
+
+_PARAMIKO_LOCK = threading.Lock()
+
+
+def _import_paramiko() -> Any:
     module = sys.modules.get("paramiko")
     if module is not None:
         return module
@@ -718,10 +728,54 @@ def _stdin_is_tty() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+class Prompter(Protocol):
+    """Asks the user one question: a key's passphrase (``kind`` "passphrase"), a keyboard-interactive
+    prompt (a TOTP code, Duo's choice: "keyboard-interactive") or a password ("password"). Returns
+    the answer, or None when nobody can answer; may raise an SSHError to end the attempt at once.
+    Answers are secrets: never logged, stored, or put in argv or a file."""
+
+    def ask(self, host: str, prompt: str, *, echo: bool, kind: str, instructions: str = "") -> str | None: ...
+
+
+_prompting = threading.local()
+
+
+@contextlib.contextmanager
+def prompts_through(prompter: Prompter) -> Iterator[list[str]]:
+    """Authentication on this thread asks ``prompter`` instead of the terminal or SSH_ASKPASS
+    (the per-user service relays its questions to `remote-kernel login`); yields the list that
+    the methods which succeeded are appended to ("publickey", "keyboard-interactive", "password")."""
+    previous = getattr(_prompting, "context", None)
+    methods: list[str] = []
+    _prompting.context = (prompter, methods)
+    try:
+        yield methods
+    finally:
+        _prompting.context = previous
+
+
+def _prompter() -> Prompter | None:
+    """The injected prompter, else the terminal, else SSH_ASKPASS (as OpenSSH decides), else None."""
+    context = getattr(_prompting, "context", None)
+    if context is not None:
+        prompter: Prompter = context[0]
+        return prompter
+    from remote_kernel.service.prompts import default_prompter
+
+    return default_prompter()
+
+
+def _note_auth(method: str) -> None:
+    context = getattr(_prompting, "context", None)
+    if context is not None:
+        context[1].append(method)
+
+
 @dataclass
 class _AuthReport:
     """What was tried, for the error message: paths and fingerprints, never key material."""
 
+    host: str = ""
     tried: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     encrypted: list[str] = field(default_factory=list)
@@ -770,12 +824,15 @@ def _load_key_file(path: str, passphrase: str | None) -> paramiko.PKey:
 
 
 def _unlock_key(path: str, report: _AuthReport) -> paramiko.PKey | None:
-    """Ask for an encrypted key's passphrase, on a terminal only."""
-    if not _stdin_is_tty():
-        report.encrypted.append(path)
-        return None
-    for _ in range(PASSPHRASE_ATTEMPTS):
-        passphrase = getpass.getpass(f"Enter passphrase for key '{path}': ")
+    """Ask for an encrypted key's passphrase through the prompter (a terminal, SSH_ASKPASS, or
+    `remote-kernel login` through the per-user service); without one, the error says so."""
+    prompter = _prompter()
+    for attempt in range(PASSPHRASE_ATTEMPTS):
+        passphrase = None if prompter is None else prompter.ask(
+            report.host, f"Enter passphrase for key '{path}': ", echo=False, kind="passphrase")
+        if passphrase is None and attempt == 0:
+            report.encrypted.append(path)
+            return None
         if not passphrase:
             break
         try:
@@ -819,7 +876,7 @@ def _candidate_keys(hop: ResolvedHost, report: _AuthReport) -> Iterator[tuple[st
 
 
 def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
-    report = _AuthReport()
+    report = _AuthReport(host=hop.label)
     allowed: list[str] = []
     if getattr(_tracing, "events", None) is not None:
         allowed = _allowed_methods(transport, hop.user)
@@ -843,6 +900,7 @@ def _authenticate(transport: paramiko.Transport, hop: ResolvedHost) -> None:
             continue
         log.debug("authenticated to %s as %s with public key %s", hop.address, hop.user, label)
         _trace("auth", hop, method="publickey", key=label)
+        _note_auth("publickey")
         if remaining and not _interactive_auth(transport, hop, remaining):
             raise _auth_error(hop, report, remaining)
         return
@@ -873,24 +931,38 @@ def _allowed_methods(transport: paramiko.Transport, user: str) -> list[str]:
 
 
 def _interactive_auth(transport: paramiko.Transport, hop: ResolvedHost, allowed: list[str]) -> bool:
-    """keyboard-interactive (2FA codes, passwords) or password, only on a terminal."""
-    if not _stdin_is_tty():
+    """keyboard-interactive (2FA codes, Duo, passwords) or password, through the prompter. A
+    question nobody answers ends the attempt without sending a guess (a wrong answer counts
+    against the account: vscode-remote-release#2010)."""
+    prompter = _prompter()  # looked up here: paramiko calls ``answer`` on its transport thread
+    if prompter is None:
         return False
 
-    def answer(_title: str, _instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
-        return [getpass.getpass(prompt or "Response: ") for prompt, _echo in prompts]
+    def ask(prompt: str, echo: bool, kind: str, instructions: str = "") -> str:
+        reply = prompter.ask(hop.label, prompt, echo=echo, kind=kind, instructions=instructions)
+        if reply is None:
+            raise SSHError(f"authentication to {hop.label} needs an answer to {prompt.strip()!r} and got none",
+                           host=hop.label, hint=f"run `remote-kernel login {hop.alias}` in a terminal")
+        return reply
+
+    def answer(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+        note = "\n".join(text for text in (title, instructions) if text.strip())
+        return [ask(prompt or "Response: ", echo, "keyboard-interactive", note) for prompt, echo in prompts]
 
     try:
         if "keyboard-interactive" in allowed:
             remaining = transport.auth_interactive(hop.user, answer)
         elif "password" in allowed:
-            remaining = transport.auth_password(hop.user, getpass.getpass(f"{hop.user}@{hop.hostname}'s password: "))
+            remaining = transport.auth_password(hop.user, ask(f"{hop.user}@{hop.hostname}'s password: ", False,
+                                                              "password"))
         else:
             return False
     except paramiko.AuthenticationException:
         return False
     log.debug("authenticated to %s as %s interactively", hop.address, hop.user)
-    _trace("auth", hop, method="keyboard-interactive" if "keyboard-interactive" in allowed else "password")
+    method = "keyboard-interactive" if "keyboard-interactive" in allowed else "password"
+    _trace("auth", hop, method=method)
+    _note_auth(method)
     return not remaining or _interactive_auth(transport, hop, remaining)
 
 

@@ -256,9 +256,8 @@ class Pool:
         began = time.monotonic()
         try:
             link = self._connect(host, prompter, timeout)
-        except AnswerNeeded as exc:
-            log.warning("%s", exc.message)
-            raise
+        except AnswerNeeded:
+            raise  # said once, by whoever waits for the login (ServiceConnector.on_wait)
         except SSHError as exc:
             passphrase = getattr(prompter, "passphrase_for", None)
             if passphrase:

@@ -270,7 +270,7 @@ class Service:
             channel.send({"event": "ready", "connection_file": str(kernel.connection_file), "reused": reused})
         code = kernel.wait()
         error = kernel.error
-        channel.send({"event": "exit", "code": code, **(_error_event(error) if error is not None else {})})
+        channel.send({**(_error_event(error) if error is not None else {}), "event": "exit", "code": code})
 
 
 class RelayPrompter:
