@@ -22,6 +22,7 @@ from launch_helpers import (
     kernel_facts,
     pid_alive,
     run_cli,
+    single_kernel_config,
     started_kernel,
     wait_remote_gone,
     wait_until,
@@ -81,7 +82,7 @@ def kernels(three_specs: list[str]) -> Iterator[list]:
 
 
 def test_three_kernels_from_kernel_manager_share_one_authenticated_connection(
-        sshd: SSHServer, kernels: list) -> None:
+        sshd: SSHServer, kernels: list, tmp_path: Path, remote_python: Path) -> None:
     facts = [kernel_facts(kc) for _km, kc in kernels]
     for _km, kc in kernels:
         assert execute(kc, "1+1").result == "2"
@@ -91,6 +92,11 @@ def test_three_kernels_from_kernel_manager_share_one_authenticated_connection(
     assert connection["kernels"] == 3
     assert connection["auth"] == "publickey"
     assert len(status["kernels"]) == 3
+    config = single_kernel_config(tmp_path / "rk.toml", sshd, "other", remote_python)
+    ps = run_cli(["--config", str(config), "--json", "ps"])
+    assert ps.returncode == 0, ps.stderr
+    [shown] = json.loads(ps.stdout)["service"]["connections"]
+    assert (shown["host"], shown["kernels"]) == ("fixture", 3)
     for km, _kc in kernels:
         km.shutdown_kernel(now=False)
     for fact in facts:

@@ -24,12 +24,29 @@ def run(args: argparse.Namespace) -> int:
     answers = inventory.ask_hosts(host_targets(args), {"mode": "list"})
     failures = report_failures(answers)
     rows = inventory.describe_agents(answers)
+    service = _service_status()
     if args.json:
-        console.emit_json("ps", {"ok": not failures, "kernels": rows, "failures": failures})
+        console.emit_json("ps", {"ok": not failures, "kernels": rows, "failures": failures,
+                                 "service": service})
     else:
+        if service is not None:
+            from remote_kernel.commands.service_cmd import connection_rows
+
+            console.emit_table(f"service connections (pid {service.get('pid')})",
+                               ["host", "since", "kernels", "auth"], connection_rows(service))
         console.emit_table("remote kernels", ["host", "entry", "agent pid", "kernel pid", "age", "state", "lease left"],
                            [_row(r) for r in rows])
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _service_status() -> dict[str, Any] | None:
+    """The per-user service's connections and kernels, if it runs (ps never starts it)."""
+    from remote_kernel.service import client
+
+    try:
+        return client.request("status")
+    except client.ServiceUnavailable:
+        return None
 
 
 def report_failures(answers: list[Any]) -> list[dict[str, str]]:
