@@ -13,6 +13,7 @@ import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jupyter_client.manager import KernelManager
@@ -178,3 +179,15 @@ def test_service_start_status_stop(sshd: SSHServer) -> None:
     assert stopped.returncode == 0, stopped.stderr
     assert wait_until(lambda: testing.service_pid(service_dir()) is None, timeout=10)
     assert not paths.socket_path(service_dir()).exists()
+
+
+def test_a_host_that_refuses_a_second_session_gets_a_second_connection(
+        sshd_factory: Any, remote_python: Path) -> None:
+    server = sshd_factory(extra_config="MaxSessions 1")
+    for name in ("one", "two"):
+        write_spec(kernel_entry(server, remote_python, name))
+    with started_kernel("one") as (_a, kc1), started_kernel("two") as (_b, kc2):
+        assert execute(kc1, "1").result == "1"
+        assert execute(kc2, "2").result == "2"
+        assert tcp_connections_to(server.port) == 2
+        assert sorted(c["kernels"] for c in service_status()["connections"]) == [1, 1]

@@ -73,6 +73,7 @@ class Link:
     since: float  # wall-clock time it was authenticated
     methods: list[str]
     full: bool = False  # the host refused another session on it (MaxSessions)
+    leases: int = 0  # kernels using it
     probe: threading.Event | None = None
     probe_sent: float = 0.0
     last_ok: float = field(default_factory=time.monotonic)
@@ -120,7 +121,11 @@ class Lease:
                 raise
             log.info("%s refused another session on its connection (MaxSessions): using another", self.slot.host.label)
             self.link.full = True
-        self.link = self.pool.roomier_link(self.slot, self.prompter)
+        new = self.pool.roomier_link(self.slot, self.prompter)
+        with self.slot.cond:
+            self.link.leases -= 1
+            new.leases += 1
+        self.link = new
         return self.link.conn.open_exec(command)
 
     def probe(self) -> threading.Event:
@@ -133,14 +138,14 @@ class Lease:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.pool.release(self.slot)
+            self.pool.release(self.slot, self.link)
 
 
 def _session_refused(exc: SSHError) -> bool:
-    """sshd answers a session over MaxSessions with "administratively prohibited" (paramiko's
-    ChannelException code 1); the connection itself is fine."""
+    """A session refused on a connection that is fine: OpenSSH over MaxSessions answers "Connect
+    failed" (paramiko's ChannelException code 2), others "administratively prohibited" (code 1)."""
     cause = exc.__cause__
-    return type(cause).__name__ == "ChannelException" and getattr(cause, "code", None) == 1
+    return type(cause).__name__ == "ChannelException" and getattr(cause, "code", None) in (1, 2)
 
 
 Connect = Callable[[HostEntry, Any, float], Link]
@@ -263,12 +268,13 @@ class Pool:
             if passphrase:
                 raise AnswerNeeded(host, f"the passphrase of key {passphrase}") from exc
             raise
-        log.info("connected to %s in %.2f s (auth: %s)", host.label, time.monotonic() - began, link.auth())
+        log.debug("connected to %s in %.2f s (auth: %s)", host.label, time.monotonic() - began, link.auth())
         return link
 
     def _lease(self, slot: Slot, link: Link, prompter: Any) -> Lease:
         with slot.cond:
             slot.leases += 1
+            link.leases += 1
         return Lease(self, slot, link, prompter)
 
     def roomier_link(self, slot: Slot, prompter: Any) -> Link:
@@ -283,9 +289,10 @@ class Pool:
             slot.links.append(link)
         return link
 
-    def release(self, slot: Slot) -> None:
+    def release(self, slot: Slot, link: Link) -> None:
         with slot.cond:
             slot.leases -= 1
+            link.leases -= 1
             if slot.leases <= 0:
                 slot.idle_since = time.monotonic()
 
@@ -368,7 +375,7 @@ class Pool:
             with slot.cond:
                 for link in slot.links:
                     rows.append({"host": slot.host.name, "label": slot.host.label, "since": link.since,
-                                 "kernels": max(0, slot.leases), "auth": link.auth(),
+                                 "kernels": max(0, link.leases), "auth": link.auth(),
                                  "login": slot.logged_in, "full": link.full})
                 if not slot.links and slot.needs is not None:
                     rows.append({"host": slot.host.name, "label": slot.host.label, "since": None,
