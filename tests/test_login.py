@@ -9,6 +9,7 @@ namespace of its own; the codes are computed from the test's secret (RFC 6238).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,16 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from launch_helpers import execute, host_table, kernel_table, run_cli, started_kernel, sync, write_config
+from launch_helpers import (
+    execute,
+    host_table,
+    kernel_table,
+    run_cli,
+    started_kernel,
+    sync,
+    wait_until,
+    write_config,
+)
 from test_service import service_status, tcp_connections_to
 from totp_sshd import TOTPServer, missing_requirement
 
@@ -101,3 +111,19 @@ def test_without_login_a_launch_says_what_to_run_and_sends_no_guess(lab_config: 
     assert totp_sshd.keyboard_interactive_attempts() <= 1
     assert "Accepted keyboard-interactive" not in totp_sshd.log_path.read_text()
     assert "Failed keyboard-interactive" not in totp_sshd.log_path.read_text()
+
+
+def test_a_dropped_connection_waits_for_one_new_login_for_all_its_kernels(
+        lab_config: Path, totp_sshd: TOTPServer) -> None:
+    login(lab_config, totp_sshd.code())
+    with started_kernel("k0") as (_a, kc0), started_kernel("k1") as (_b, kc1), started_kernel("k2") as (_c, kc2):
+        [session] = totp_sshd.session_pids()
+        os.kill(session, signal.SIGKILL)  # the network drops; a new connection needs a new code
+        assert wait_until(lambda: totp_sshd.keyboard_interactive_attempts() == 2, timeout=30)
+        # pam_oath refuses a code of an already used 30 s step: the next step's is in its window
+        login(lab_config, totp_sshd.code(step=1))
+        for kc in (kc0, kc1, kc2):
+            assert execute(kc, "6*7", timeout=60).result == "42"
+        assert tcp_connections_to(totp_sshd.port) == 1
+    # login, one unattended attempt for the three kernels (left unanswered), the second login
+    assert totp_sshd.keyboard_interactive_attempts() == 3

@@ -100,7 +100,7 @@ class TOTPServer(SSHServer):
         return False
 
     def keyboard_interactive_attempts(self) -> int:
-        """Connections on which sshd started a keyboard-interactive (PAM) conversation."""
+        """Connections on which sshd asked a keyboard-interactive question (answered or not)."""
         text = self.log_path.read_text(errors="replace")
         return len({line.split(" port ")[1].split()[0] for line in text.splitlines()
-                    if line.startswith("Postponed keyboard-interactive/pam ")})
+                    if line.startswith("Postponed keyboard-interactive for ")})
