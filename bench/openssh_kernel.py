@@ -9,7 +9,10 @@ baseline interrupts in message mode only.
 
     python openssh_kernel.py CONNECTION_FILE SETTINGS_JSON
 
-SETTINGS_JSON: {"host", "port", "user", "key", "known_hosts", "python", "remote_dir", "ssh"}.
+SETTINGS_JSON: {"host", "port", "user", "key", "known_hosts", "python", "remote_dir", "ssh"}, and
+optionally "control_path": the socket of a ControlMaster started beforehand (``ssh -M -S PATH -N``);
+this kernel's session and forwards then ride that master's connection (``ControlMaster=no``: never
+become a master itself, fail if the master is gone), as a user with a warm ControlMaster has it.
 The bench's "remote" host is this machine, so free remote ports are probed locally.
 """
 
@@ -42,6 +45,8 @@ def ssh_argv(settings: dict[str, str], local: dict[str, int], remote: dict[str, 
     forwards: list[str] = []
     for channel in CHANNELS:
         forwards += ["-L", f"127.0.0.1:{local[channel]}:127.0.0.1:{remote[channel]}"]
+    if settings.get("control_path"):
+        forwards += ["-o", "ControlMaster=no", "-o", f"ControlPath={settings['control_path']}"]
     return [
         settings["ssh"], "-F", "none", "-T",
         "-i", settings["key"], "-o", "IdentitiesOnly=yes",

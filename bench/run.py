@@ -50,8 +50,8 @@ sys.path.insert(0, str(BENCH_DIR))  # sync_1000.py
 VENV_BIN = Path(sys.executable).parent
 CLI = VENV_BIN / "remote-kernel"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
-VARIANTS = ("local", "openssh", "ours")
-KERNELS = {"local": "python3", "openssh": "bench-openssh", "ours": "bench-ours"}
+VARIANTS = ("local", "openssh", "ours")  # the default run; --controlmaster adds "cm"
+KERNELS = {"local": "python3", "openssh": "bench-openssh", "ours": "bench-ours", "cm": "bench-cm"}
 READY_TIMEOUT = 30.0
 CELL_TIMEOUT = 120.0
 RESEND = 1.0  # re-send kernel_info like jupyter_client's wait_for_ready (a lost request costs 1 s)
@@ -73,7 +73,7 @@ def isolate(root: Path) -> None:
     for name, sub in (("HOME", "home"), ("JUPYTER_DATA_DIR", "jupyter/data"), ("JUPYTER_CONFIG_DIR", "jupyter/cfg"),
                       ("JUPYTER_RUNTIME_DIR", "jupyter/run"), ("IPYTHONDIR", "home/.ipython"),
                       ("XDG_CONFIG_HOME", "xdg/config"), ("XDG_DATA_HOME", "xdg/data"),
-                      ("XDG_CACHE_HOME", "xdg/cache")):
+                      ("XDG_CACHE_HOME", "xdg/cache"), ("XDG_RUNTIME_DIR", "xdg/run")):
         (root / sub).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(root / sub)
     for name in ("JUPYTER_PATH", "JUPYTER_PREFER_ENV_PATH", "JUPYTER_PLATFORM_DIRS", "SSH_AUTH_SOCK",
@@ -96,37 +96,117 @@ def write_spec(name: str, document: dict[str, Any]) -> Path:
     return spec_dir
 
 
-def write_specs(server: Any, root: Path) -> Path:
-    """The three kernelspecs; returns a config file naming the ``ours`` entry (for ``list``)."""
-    from remote_kernel.entry import KernelEntry
-    from remote_kernel.kernelspec import render_kernel_json
-
+def write_specs(server: Any, root: Path, *, control_path: Path | None = None) -> Path:
+    """The kernelspecs (local, OpenSSH -L, remote-kernel, and with ``control_path`` OpenSSH over
+    that warm ControlMaster); returns a config file naming the ``ours`` entry (for ``list``)."""
     write_spec(KERNELS["local"], {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                                   "display_name": "local", "language": "python", "interrupt_mode": "signal"})
     remote_dir = root / "remote-files"
-    remote_dir.mkdir(mode=0o700)
-    settings = {"host": server.host, "port": server.port, "user": server.user, "key": str(server.client_key),
-                "known_hosts": str(server.known_hosts), "python": sys.executable,
-                "remote_dir": str(remote_dir), "ssh": SSH}
-    openssh_dir = write_spec(KERNELS["openssh"], {
-        "argv": [sys.executable, str(BENCH_DIR / "openssh_kernel.py"), "{connection_file}", "SETTINGS"],
-        "display_name": "OpenSSH -L", "language": "python", "interrupt_mode": "message"})
-    (openssh_dir / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
-    spec = json.loads((openssh_dir / "kernel.json").read_text())
-    spec["argv"][-1] = str(openssh_dir / "settings.json")
-    (openssh_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    remote_dir.mkdir(mode=0o700, exist_ok=True)
+    write_openssh_spec(KERNELS["openssh"], openssh_settings(server, server.port, remote_dir))
+    if control_path is not None:
+        write_openssh_spec(KERNELS["cm"], openssh_settings(server, server.port, remote_dir, control_path))
+    return write_ours_spec(KERNELS["ours"], server, root, port=server.port, alias="bench")
 
-    config = root / "remote-kernels.toml"
+
+def openssh_settings(server: Any, port: int, remote_dir: Path, control_path: Path | None = None) -> dict[str, Any]:
+    """bench/openssh_kernel.py's settings: reach ``server`` on ``port`` (its own, or a delay proxy's)."""
+    settings: dict[str, Any] = {
+        "host": server.host, "port": port, "user": server.user, "key": str(server.client_key),
+        "known_hosts": str(server.known_hosts), "python": sys.executable, "remote_dir": str(remote_dir), "ssh": SSH}
+    if control_path is not None:
+        settings["control_path"] = str(control_path)
+    return settings
+
+
+def write_openssh_spec(name: str, settings: dict[str, Any]) -> None:
+    spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    (spec_dir / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
+    display = "OpenSSH, warm ControlMaster" if settings.get("control_path") else "OpenSSH -L"
+    write_spec(name, {"argv": [sys.executable, str(BENCH_DIR / "openssh_kernel.py"), "{connection_file}",
+                               str(spec_dir / "settings.json")],
+                      "display_name": display, "language": "python", "interrupt_mode": "message"})
+
+
+def write_ours_spec(name: str, server: Any, root: Path, *, port: int, alias: str) -> Path:
+    """The kernelspec `remote-kernel sync` writes for host ``alias`` = ``server`` on ``port``; returns
+    the config file it names."""
+    from remote_kernel.entry import KernelEntry
+    from remote_kernel.kernelspec import render_kernel_json
+
+    config = root / f"remote-kernels-{alias}.toml"
     config.write_text(
-        f'[hosts.bench]\nhostname = "{server.host}"\nport = {server.port}\nuser = "{server.user}"\n'
+        f'[hosts.{alias}]\nhostname = "{server.host}"\nport = {port}\nuser = "{server.user}"\n'
         f'identity_file = "{server.client_key}"\nknown_hosts = "{server.known_hosts}"\n\n'
-        f'[kernels.{KERNELS["ours"]}]\nhost = "bench"\npython = "{sys.executable}"\nreconnect_grace = 10\n',
+        f'[kernels.{name}]\nhost = "{alias}"\npython = "{sys.executable}"\nreconnect_grace = 10\n',
         encoding="utf-8")
-    entry = KernelEntry(name=KERNELS["ours"], host=server.host_entry(name="bench"), display_name="remote-kernel",
+    entry = KernelEntry(name=name, host=server.host_entry(name=alias, port=port), display_name="remote-kernel",
                         python=sys.executable, reconnect_grace=10.0, interrupt_mode="signal")
     spec_dir = Path(os.environ["JUPYTER_DATA_DIR"]) / "kernels" / entry.name
     write_spec(entry.name, render_kernel_json(entry, spec_dir=spec_dir, config_path=config, python=sys.executable))
     return config
+
+
+# ------------------------------------------------------------------------------------ warm ControlMaster, service
+
+
+class ControlMaster:
+    """``ssh -M -S PATH -N`` to ``server`` on ``port``, started (and authenticated) before any timed
+    start, as the savvy user's ``ControlMaster auto`` + ``ControlPersist`` leaves it; our child."""
+
+    def __init__(self, server: Any, port: int, path: Path, log: Any) -> None:
+        self.path = path
+        self.base = [SSH, "-F", "none", "-i", str(server.client_key), "-o", "IdentitiesOnly=yes",
+                     "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                     "-o", "BatchMode=yes", "-p", str(port), "-S", str(path)]
+        self.target = f"{server.user}@{server.host}"
+        self.proc = subprocess.Popen([*self.base, "-M", "-N", self.target], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log)
+        self.remote: set[int] = set()  # the master's processes under sshd, for the relay's CPU
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the ControlMaster ssh exited with {self.proc.returncode} (see the kernels log)")
+            check = subprocess.run([*self.base, "-O", "check", self.target], capture_output=True, check=False)
+            if check.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the ControlMaster at {self.path} was not ready within {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def service_exists() -> bool:
+    """Has remote-kernel a per-user service (issue 14)? Only then is a second kernel on a host
+    different from the first, and only then must a first start find no service running."""
+    probe = subprocess.run([str(CLI), "service", "--help"], capture_output=True, check=False, timeout=60)
+    return probe.returncode == 0
+
+
+def stop_service(log: Any, timeout: float = 15.0) -> None:
+    """No service and so no connection held for any host: the next start is a first start.
+    `service stop` answers before the service has exited, and a launch in that moment reaches the
+    dying service ("the per-user service ended before kernel ... was ready"): wait for its pid lock."""
+    subprocess.run([str(CLI), "service", "stop"], stdout=log, stderr=log, check=False, timeout=60)
+    try:
+        from remote_kernel.service import paths
+        from remote_kernel.service.testing import service_pid
+    except ImportError:  # a tree whose service keeps no pid lock: nothing to wait for
+        return
+    deadline = time.monotonic() + timeout
+    while service_pid(paths.runtime_dir()) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"remote-kernel's service still runs {timeout} s after `service stop`")
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------------ kernel driving
@@ -307,16 +387,21 @@ def rotated(items: list[Any], by: int) -> list[Any]:
     return items[by % len(items):] + items[: by % len(items)]
 
 
-def startups(order: list[str], log: Any, results: dict[str, Samples]) -> None:
-    """One cold start (and shutdown) of each variant, one kernel alive at a time."""
+def startups(order: list[str], log: Any, results: dict[str, Samples], *, service: bool = False) -> None:
+    """One cold start (and shutdown) of each variant, one kernel alive at a time. With remote-kernel's
+    service (``service``), it is stopped before ``ours`` starts: each start is a first start."""
     for variant in order:
+        if service and variant == "ours":
+            stop_service(log)
         with kernel(variant, log, results[variant]):
             pass
 
 
-def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples], sshd_pid: int) -> None:
+def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples], sshd_pid: int, *,
+              shared_relay: dict[str, list[int]] | None = None) -> None:
     """Every variant's kernel alive at once; the same work interleaved in blocks, so that a busy
-    moment of the machine falls on all of them alike."""
+    moment of the machine falls on all of them alike. ``shared_relay``: processes a variant's
+    traffic also crosses that its start did not add (a ControlMaster's ssh and its sshd)."""
     with contextlib.ExitStack() as stack:
         from sshd import descendants_of
 
@@ -326,6 +411,7 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
             km, kc = stack.enter_context(kernel(variant, log, results[variant]))
             remote = set(descendants_of(sshd_pid)) - before
             relay = relay_pids(km, kc, remote) if variant != "local" else []
+            relay += (shared_relay or {}).get(variant, [])
             live.append(Live(variant, km, kc, results[variant], relay))
         for item in live:
             for _ in range(10):  # warm the path (first-call imports in the kernel and the client)
@@ -341,7 +427,7 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
             for item in rotated(live, repeat + 1):
                 item.samples.add("image20", run_cell(item.kc, IMAGE_20MB))
         for item in live:
-            if item.variant != "openssh":  # a signal to the ssh process would end the connection
+            if item.variant not in ("openssh", "cm"):  # a signal to the ssh process would end the connection
                 item.samples.add("int_signal", interrupt_latency(item.km, item.kc, "signal"))
             item.samples.add("int_message", interrupt_latency(item.km, item.kc, "message"))
 
@@ -427,14 +513,21 @@ def cell(value: float | None, scale: float) -> str:
 
 
 def kernel_table(results: dict[str, Samples]) -> list[list[str]]:
-    rows = [["measure", "local", "OpenSSH -L", "remote-kernel", "ours/local", "OpenSSH/local", "ours/OpenSSH"]]
+    """The RTT-0 table; with a ControlMaster run (--controlmaster) a column for it and ours/CM."""
+    with_cm = bool(results.get("cm") and results["cm"].values)
+    head = ["measure", "local", "OpenSSH -L", *(["OpenSSH, warm CM"] if with_cm else []), "remote-kernel",
+            "ours/local", "OpenSSH/local", "ours/OpenSSH", *(["ours/CM"] if with_cm else [])]
+    rows = [head]
     for label, metric, kind, scale in ROWS:
         local, openssh, ours = (statistic(results[v], metric, kind) for v in VARIANTS)
+        cm = [statistic(results["cm"], metric, kind)] if with_cm else []
         if kind == "count":
-            rows.append([label, *(str(int(value or 0)) for value in (local, openssh, ours)), "", "", ""])
+            counts = (local, openssh, *cm, ours)
+            rows.append([label, *(str(int(value or 0)) for value in counts), *[""] * (len(head) - 1 - len(counts))])
             continue
-        rows.append([label, cell(local, scale), cell(openssh, scale), cell(ours, scale),
-                     ratio(ours, local), ratio(openssh, local), ratio(ours, openssh)])
+        rows.append([label, cell(local, scale), cell(openssh, scale), *(cell(value, scale) for value in cm),
+                     cell(ours, scale), ratio(ours, local), ratio(openssh, local), ratio(ours, openssh),
+                     *(ratio(ours, value) for value in cm)])
     return rows
 
 
@@ -541,6 +634,18 @@ class Report:
 # ------------------------------------------------------------------------------------ main
 
 
+LATENCY_HEADING = "## Latency: "  # RESULTS.md's --rtt section, from this heading to the end
+
+
+def write_results(path: Path, text: str, *, keep: str) -> None:
+    """Write ``text`` to ``path``, keeping the part of the old file from the heading ``keep`` on
+    (the RTT-0 run and the --rtt run each rewrite their own part of RESULTS.md)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    at = old.find("\n" + keep)
+    kept = old[at:] if at >= 0 and keep not in text else ""
+    path.write_text(text.rstrip("\n") + "\n" + kept, encoding="utf-8")
+
+
 def reap_leftovers(root: Path) -> None:
     """Kill what this run started and left behind (a kernel whose ssh was killed after a start that
     never answered is re-parented to init, out of sshd's tree): processes naming our temp dir."""
@@ -559,39 +664,77 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 rounds, 100 `1+1` samples: under a minute")
     parser.add_argument("--rounds", type=int, help="rounds of every variant (default 10; 2 with --quick)")
     parser.add_argument("--execs", type=int, help="`1+1` samples per variant in all (default 500; 100 with --quick)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (for profiling)")
+    parser.add_argument("--variants", help="comma-separated subset (for profiling; default: every variant)")
+    parser.add_argument("--controlmaster", action="store_true",
+                        help="add OpenSSH over a warm ControlMaster (started before the timed starts) to the RTT-0 "
+                             "table; always part of --rtt")
+    parser.add_argument("--rtt", type=rtt_list, metavar="MS,MS,...",
+                        help="latency mode: every SSH variant through bench/delay_proxy.py at each of these round-trip "
+                             "times (e.g. 0,20,80), one table per RTT in RESULTS.md's latency section (see README)")
     parser.add_argument("--no-sync", action="store_true", help="skip the sync rows")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md")
     parser.add_argument("--nice", type=int, default=0,
                         help="add this to the niceness of the bench and everything it starts (negative needs root): "
                              "on a shared machine, -10 keeps other work from dominating the variance")
     args = parser.parse_args()
+    if args.rtt:  # per RTT; a `1+1` costs one RTT and a 50 MB print several, so fewer than at RTT 0
+        args.rounds = args.rounds or (2 if args.quick else 5)
+        args.execs = args.execs or (20 if args.quick else 150)
     args.rounds = args.rounds or (2 if args.quick else 10)
     args.execs = args.execs or (100 if args.quick else 500)
     args.cli_repeat = 5 if args.quick else 10
     return args
 
 
-def run_kernels(args: argparse.Namespace, log: Any, sshd_pid: int) -> dict[str, Samples]:
-    chosen = [v for v in VARIANTS if v in args.variants.split(",")]
-    results = {variant: Samples() for variant in VARIANTS}
+def rtt_list(text: str) -> list[float]:
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rtt {text!r}: expected milliseconds separated by commas, "
+                                         "e.g. --rtt 0,20,80") from None
+    if not values or any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"--rtt {text!r}: expected one or more round-trip times >= 0 ms")
+    return sorted(set(values))
+
+
+def run_kernels(args: argparse.Namespace, log: Any, sshd_pid: int,
+                shared_relay: dict[str, list[int]]) -> dict[str, Samples]:
+    every = (*VARIANTS, "cm") if args.controlmaster else VARIANTS
+    chosen = [v for v in every if v in (args.variants or ",".join(every)).split(",")]
+    results = {variant: Samples() for variant in every}
     per_round = max(EXEC_BLOCK, args.execs // args.rounds)
+    service = service_exists()
     for number in range(args.rounds):
         order = rotated(chosen, number)
         began = time.perf_counter()
         log.write(f"\n===== round {number + 1}: {', '.join(order)}\n".encode())
         log.flush()
-        startups(order, log, results)
-        data_path(order, log, per_round, results, sshd_pid)
+        startups(order, log, results, service=service)
+        data_path(order, log, per_round, results, sshd_pid, shared_relay=shared_relay)
         print(f"  round {number + 1}/{args.rounds} ({', '.join(order)}) {time.perf_counter() - began:5.1f} s",
               flush=True)
     return results
+
+
+def start_master(server: Any, root: Path, log: Any) -> tuple[ControlMaster, list[int]]:
+    """The warm ControlMaster of --controlmaster, and the processes its traffic crosses (its ssh,
+    its sshd) that no kernel start adds."""
+    from sshd import descendants_of
+
+    before = set(descendants_of(server.pid))
+    master = ControlMaster(server, server.port, root / "cm.sock", log)
+    master.wait_ready()
+    return master, [master.proc.pid, *(set(descendants_of(server.pid)) - before)]
 
 
 def main() -> int:
     args = parse_args()
     if args.nice:
         os.nice(args.nice)
+    if args.rtt:
+        import latency
+
+        return latency.main(args)
     started = time.perf_counter()
     load = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="rk-bench-"))
@@ -600,13 +743,18 @@ def main() -> int:
 
     server = SSHServer(root / "sshd")
     log_path = root / "kernels.log"
+    stack = contextlib.ExitStack()
     try:
         server.start()
-        config = write_specs(server, root)
+        config = write_specs(server, root, control_path=root / "cm.sock" if args.controlmaster else None)
         subprocess.run([sys.executable, "-c", "import ipykernel.kernelapp"], check=True)  # warm the page cache
         compile_bytecode(REPO / "remote_kernel")
         with log_path.open("ab") as log:
-            results = run_kernels(args, log, server.pid)
+            shared_relay: dict[str, list[int]] = {}
+            if args.controlmaster:
+                master, shared_relay["cm"] = start_master(server, root, log)
+                stack.callback(master.stop)
+            results = run_kernels(args, log, server.pid, shared_relay)
         print("  commands ...", flush=True)
         commands = command_times(config, args.cli_repeat)
         sync: dict[str, list[float]] = {}
@@ -618,12 +766,15 @@ def main() -> int:
               file=sys.stderr)
         raise
     finally:
+        stack.close()
+        if service_exists():
+            stop_service(subprocess.DEVNULL)
         server.stop()
         reap_leftovers(root)
     report = Report(args, results, commands, sync, time.perf_counter() - started, load)
     print()
     print(report.text())
-    args.out.write_text(report.markdown(), encoding="utf-8")
+    write_results(args.out, report.markdown(), keep=LATENCY_HEADING)
     print(f"\nwritten to {args.out}")
     shutil.rmtree(root, ignore_errors=True)
     return 0
