@@ -127,3 +127,20 @@ def test_a_dropped_connection_waits_for_one_new_login_for_all_its_kernels(
         assert tcp_connections_to(totp_sshd.port) == 1
     # login, one unattended attempt for the three kernels (left unanswered), the second login
     assert totp_sshd.keyboard_interactive_attempts() == 3
+
+
+def test_with_ssh_askpass_a_launch_asks_through_that_program(
+        lab_config: Path, totp_sshd: TOTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = tmp_path / "answer"
+    answer.touch(mode=0o600)
+    answer.write_text(totp_sshd.code() + "\n")
+    program = tmp_path / "askpass"
+    program.write_text(f'#!/bin/sh\nprintf "%s\\n" "$1" >> {tmp_path}/asked\nexec cat {answer}\n')
+    program.chmod(0o700)
+    monkeypatch.setenv("SSH_ASKPASS", str(program))
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
+    with started_kernel("k0") as (_km, kc):
+        assert execute(kc, "1+1").result == "2"
+        [connection] = service_status()["connections"]
+        assert connection["auth"] == "publickey+keyboard-interactive"
+    assert "One-time password" in (tmp_path / "asked").read_text()
