@@ -191,3 +191,11 @@ def test_a_host_that_refuses_a_second_session_gets_a_second_connection(
         assert execute(kc2, "2").result == "2"
         assert tcp_connections_to(server.port) == 2
         assert sorted(c["kernels"] for c in service_status()["connections"]) == [1, 1]
+
+
+def test_an_idle_service_exits_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_SERVICE_IDLE", "1")
+    assert run_cli(["service", "start"]).returncode == 0
+    assert testing.service_pid(service_dir()) is not None
+    assert wait_until(lambda: testing.service_pid(service_dir()) is None, timeout=15)
+    assert not paths.socket_path(service_dir()).exists()
