@@ -31,6 +31,9 @@ COMMANDS: dict[str, str] = {
     "gc": "gc_cmd",
     "doctor": "doctor_cmd",
     "discover": "discover_cmd",
+    "login": "login_cmd",
+    "logout": "logout_cmd",
+    "service": "service_cmd",
 }
 # The v1.1 form `python -m remote_kernel -t host ...` runs this hidden command.
 ADHOC_COMMAND = "run-target"

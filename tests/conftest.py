@@ -85,8 +85,23 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IsolatedEnv
         monkeypatch.setenv(name, str(value))
     for name in [*_UNSET, *(n for n in os.environ if n.startswith("REMOTE_KERNEL_"))]:
         monkeypatch.delenv(name, raising=False)
+    # Launches serve in-process unless the run asks for the per-user service (RK_TEST_SERVICE=on
+    # runs the launch tests through it); tests of the service turn it on themselves.
+    monkeypatch.setenv("REMOTE_KERNEL_SERVICE", _TEST_SERVICE)
     monkeypatch.chdir(tmp_path)
     return env
+
+
+_TEST_SERVICE = "on" if os.environ.get("RK_TEST_SERVICE", "").lower() in ("1", "on", "yes") else "off"
+
+
+@pytest.fixture(autouse=True)
+def _stop_test_service(isolated_env: IsolatedEnv) -> Iterator[None]:
+    """A per-user service started by a test (in its private XDG_RUNTIME_DIR) ends with the test."""
+    yield
+    from remote_kernel.service import testing
+
+    testing.stop_service(isolated_env.xdg_runtime / "remote-kernel")
 
 
 @pytest.fixture(autouse=True)

@@ -61,19 +61,41 @@ def launch(entry: Any, connection_file: Path | None, *, json_output: bool = Fals
     """
     from remote_kernel import console
     from remote_kernel.errors import RemoteKernelError
-    from remote_kernel.launcher import Launcher
 
     console.set_log_entry(entry.name)
     announcer = _Announcer(json_output=json_output)
     announce = announcer if json_output or connection_file is None else None
     try:
-        return Launcher(entry, connection_file, announce=announce).run()
+        return _serve(entry, connection_file, announce)
     except RemoteKernelError as exc:
         if not announcer.done or not json_output:
             raise
         # The ready document is out: a second one (cli.py's error document) would break readers.
         console.emit_error(str(exc))
         return exc.exit_code
+
+
+def _serve(entry: Any, connection_file: Path | None, announce: Any) -> int:
+    """Through the per-user service (it holds the host's authenticated connection and serves the
+    ports; this process relays the kernel's lifecycle), else in this process as before
+    (REMOTE_KERNEL_SERVICE=off, or no service could be reached or started)."""
+    import logging
+
+    from remote_kernel import service
+    from remote_kernel.launcher import Launcher
+
+    if service.enabled():
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        from remote_kernel.service.client import HostedLaunch, ServiceUnavailable
+
+        try:
+            runtime_dir = Path(jupyter_runtime_dir())
+            return HostedLaunch(entry, connection_file, runtime_dir=runtime_dir, announce=announce).run()
+        except ServiceUnavailable as exc:
+            logging.getLogger(__name__).info("serving kernel %s in this process: the per-user service is not "
+                                             "available (%s)", entry.name, exc.message)
+    return Launcher(entry, connection_file, announce=announce).run()
 
 
 class _Announcer:

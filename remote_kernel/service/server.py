@@ -347,3 +347,8 @@ def _setup_logging(path: Path) -> None:
     logging.getLogger("remote_kernel").addHandler(_Forward())
     for noisy in ("paramiko", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
+    if level != logging.DEBUG:
+        # paramiko logs a traceback for every exception raised on its transport thread, also for
+        # the "nobody can answer" that ends an unattended attempt on purpose; the caller gets the
+        # same exception and logs it in words.
+        logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
