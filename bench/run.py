@@ -192,18 +192,24 @@ def service_exists() -> bool:
     return probe.returncode == 0
 
 
+def service_pids() -> list[int]:
+    """The running service's pid, if this tree has a service and it runs."""
+    try:
+        from remote_kernel.service import paths
+        from remote_kernel.service.testing import service_pid
+    except ImportError:
+        return []
+    pid = service_pid(paths.runtime_dir())
+    return [pid] if pid is not None else []
+
+
 def stop_service(log: Any, timeout: float = 15.0) -> None:
     """No service and so no connection held for any host: the next start is a first start.
     `service stop` answers before the service has exited, and a launch in that moment reaches the
     dying service ("the per-user service ended before kernel ... was ready"): wait for its pid lock."""
     subprocess.run([str(CLI), "service", "stop"], stdout=log, stderr=log, check=False, timeout=60)
-    try:
-        from remote_kernel.service import paths
-        from remote_kernel.service.testing import service_pid
-    except ImportError:  # a tree whose service keeps no pid lock: nothing to wait for
-        return
     deadline = time.monotonic() + timeout
-    while service_pid(paths.runtime_dir()) is not None:
+    while service_pids():
         if time.monotonic() > deadline:
             raise RuntimeError(f"remote-kernel's service still runs {timeout} s after `service stop`")
         time.sleep(0.01)
@@ -412,6 +418,8 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
             remote = set(descendants_of(sshd_pid)) - before
             relay = relay_pids(km, kc, remote) if variant != "local" else []
             relay += (shared_relay or {}).get(variant, [])
+            if variant == "ours":
+                relay += service_pids()  # with the service, the relay runs in it, not in the launcher
             live.append(Live(variant, km, kc, results[variant], relay))
         for item in live:
             for _ in range(10):  # warm the path (first-call imports in the kernel and the client)
