@@ -1,6 +1,7 @@
 """Issue 6 benchmark: remote-kernel side by side with a local ipykernel and OpenSSH ``ssh -L``.
 
-    .venv/bin/python bench/run.py [--quick] [--rounds R] [--execs N] [--out bench/RESULTS.md]
+    .venv/bin/python bench/run.py [--quick] [--rounds R] [--execs N] [--controlmaster] [--out bench/RESULTS.md]
+    .venv/bin/python bench/run.py --rtt 0,20,80 [--quick]   # latency mode: bench/latency.py
 
 One run starts a private sshd on 127.0.0.1 (tests/sshd.py), writes three kernelspecs into a
 throw-away JUPYTER_DATA_DIR and drives each through jupyter_client's KernelManager, as Jupyter does:
