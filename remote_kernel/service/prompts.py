@@ -75,10 +75,10 @@ def askpass_program(env: Mapping[str, str], *, terminal: bool) -> str | None:
     return program if display and not terminal else None
 
 
-def default_prompter() -> TerminalPrompter | AskpassPrompter | None:
+def default_prompter(*, terminal: bool) -> TerminalPrompter | AskpassPrompter | None:
     """What an in-process connection asks: SSH_ASKPASS when OpenSSH would use it, else the
-    terminal when there is one, else nobody (the error then says what to run)."""
-    terminal = sys.stdin is not None and sys.stdin.isatty()
+    terminal when there is one (``terminal``: stdin is a TTY), else nobody (the error then says
+    what to run)."""
     program = askpass_program(os.environ, terminal=terminal)
     if program is not None:
         return AskpassPrompter(program)
