@@ -87,6 +87,34 @@ def _described(description: str) -> Any:
     return Field(None, description=description)
 
 
+# Slurm's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds; or UNLIMITED.
+_SLURM_TIME = r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
+
+
+class SlurmTable(BaseModel):
+    """``[kernels.NAME.slurm]`` / ``[defaults.slurm]``: run the kernel in a Slurm job (sbatch options)."""
+
+    model_config = _TABLE
+
+    partition: _NoSpace | None = _described('a partition name without spaces (e.g. "gpu")')
+    account: _NoSpace | None = _described('an account name without spaces (e.g. "proj42")')
+    time: Annotated[str, Field(pattern=_SLURM_TIME)] | None = _described(
+        'a Slurm time limit: "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM" or "D-HH:MM:SS" (e.g. "2:00:00")')
+    cpus: Annotated[int, Field(ge=1)] | None = _described("an integer, 1 or more (sbatch --cpus-per-task)")
+    mem: Annotated[str, Field(pattern=r"^\d+[KMGT]?$")] | None = _described(
+        'a memory size as sbatch takes it (e.g. "16G", "4000M")')
+    gpus: Annotated[str, Field(pattern=r"^\S+$")] | None = _described(
+        'a --gpus value without spaces (e.g. "1" or "a100:2")')
+    qos: _NoSpace | None = _described('a QOS name without spaces (e.g. "normal")')
+    constraint: _NonEmpty | None = _described('a node feature expression (e.g. "intel&avx512")')
+    reservation: _NoSpace | None = _described('a reservation name without spaces')
+    extra_args: list[_NonEmpty] | None = _described(
+        'an array of sbatch options, each one word (e.g. ["--exclusive", "--begin=now+60"])')
+    queue_timeout: _Seconds | None = _described(
+        'a duration greater than 0 that the job may wait in the queue: seconds, or a string like "15m", "2h"')
+
+
 class KernelSettings(BaseModel):
     """The kernel fields that ``[defaults]`` may also set (a kernel's own value wins)."""
 
@@ -116,6 +144,9 @@ class KernelSettings(BaseModel):
         'a size greater than 0: bytes, or a string like "64MiB", "512MB", "1GiB"')
     launcher: _Launcher | None = _described(
         f"one of {', '.join(map(json.dumps, LAUNCHERS))} (how Jupyter starts the kernel)")
+    slurm: SlurmTable | None = _described(
+        "a table [kernels.NAME.slurm] (partition, account, time, cpus, mem, gpus, qos, constraint, reservation, "
+        "extra_args, queue_timeout): run the kernel in a Slurm job")
 
 
 class DefaultsTable(KernelSettings):
@@ -312,9 +343,16 @@ def _resolve_kernel(name: str, table: KernelTable, defaults: DefaultsTable,
         if value is not None:
             values[field] = value
     values["env"] = {**(defaults.env or {}), **(table.env or {})}
+    values.pop("slurm", None)
+    if table.slurm is not None or defaults.slurm is not None:  # the keys merge, the kernel's win
+        values["slurm"] = {**_set_keys(defaults.slurm), **_set_keys(table.slurm)}
     host = hosts[table.host] if table.host in hosts else HostEntry.from_target(table.host)
     return KernelEntry.from_dict(
         {**values, "name": name.lower(), "host": host, "display_name": table.display_name or name})
+
+
+def _set_keys(table: BaseModel | None) -> dict[str, Any]:
+    return table.model_dump(exclude_none=True) if table is not None else {}
 
 
 def _resolve_host(ref: str, tables: Mapping[str, HostTable], chain: tuple[str, ...]) -> HostEntry:
@@ -458,6 +496,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
         return DefaultsTable
     if section in ("hosts", "kernels") and len(loc) == 2:
         return _TABLE_MODELS[section]
+    if loc[-1] == "slurm" and len(loc) == {"defaults": 2, "kernels": 3}.get(section):
+        return SlurmTable
     return None
 
 
@@ -476,7 +516,7 @@ def _unknown_key_message(loc: Loc) -> str:
 def _expected(loc: Loc) -> str:
     if len(loc) == 2 and str(loc[0]) in ("hosts", "kernels"):
         return f"a table [{loc[0]}.{_toml_key(str(loc[1]))}]"
-    for depth in (2, 1, 0):  # field of a named table, field of [defaults], top-level key
+    for depth in (3, 2, 1, 0):  # field of a [kernels.NAME.slurm], of a named table, of [defaults], top-level
         model = _model_at(loc[:depth])
         if model is not None and len(loc) > depth and str(loc[depth]) in model.model_fields:
             return model.model_fields[str(loc[depth])].description or "a valid value"

@@ -106,6 +106,24 @@ class HostEntry(Record):
 
 
 @dataclass(frozen=True)
+class SlurmSettings(Record):
+    """``[kernels.NAME.slurm]``: run the kernel inside a Slurm job (backends/slurm.py). Values are
+    sbatch's (``time`` in Slurm's forms); ``extra_args`` go to sbatch as they are."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    cpus: int | None = None
+    mem: str | None = None
+    gpus: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    extra_args: tuple[str, ...] = ()
+    queue_timeout: float | None = None  # seconds the job may wait in the queue (None: no bound)
+
+
+@dataclass(frozen=True)
 class KernelEntry(Record):
     """Everything needed to launch one remote kernel."""
 
@@ -125,9 +143,13 @@ class KernelEntry(Record):
     runtime_dir: str | None = None
     output_backlog: int = DEFAULT_OUTPUT_BACKLOG
     launcher: str = "argv"
+    slurm: SlurmSettings | None = None  # set: the kernel runs in a Slurm job
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": ENTRY_SCHEMA, **super().to_dict()}
+        data = super().to_dict()
+        if data.get("slurm") is None:
+            del data["slurm"]  # entries without it keep their stored form and fingerprint
+        return {"schema": ENTRY_SCHEMA, **data}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelEntry:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_kernel import bootstrap, connection, records
-from remote_kernel.backends import Backend, Connector, DirectConnector, Locator, backend_for
+from remote_kernel.backends import AgentGoneError, Backend, Connector, DirectConnector, Locator, backend_for
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
 from remote_kernel.tunnel import IDLE_PING, Event, Tunnel
@@ -154,6 +154,7 @@ class Launcher:
         """Shut the remote kernel down (the agent: SIGTERM, SIGKILL after 3 s) and end serve()."""
         self.state.stop_reason = reason
         self._stop_signal.set()
+        self.backend.cancel()  # a start waiting in a batch queue gives up (scancel) at once
 
     def _arm_startup(self) -> None:
         """startup_timeout bounds the whole start: connecting, setup lines, kernel start."""
@@ -219,6 +220,8 @@ class Launcher:
         conn = self._connect(start=True)
         budget = self.state.startup_deadline - STARTUP_MARGIN - time.monotonic()
         channel = self.backend.start(conn, self.entry, hello, setup_budget=budget)
+        if self.backend.started_at is not None:  # a batch job: startup_timeout counts from its start
+            self.state.startup_deadline = self.backend.started_at + self.entry.startup_timeout + STARTUP_MARGIN
         channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
         self._tunnel.attach(channel)
         self._tunnel.start()
@@ -434,6 +437,7 @@ class Launcher:
         if self.state.phase is Phase.STOPPING or self._stop_signal.is_set() or data.get("code") == 0:
             log.info("the remote kernel exited (%s)", data.get("reason"))
             return EXIT_OK
+        self.backend.check(self.ssh)  # killed with its batch job (TIMEOUT, scancel): say that
         raise LaunchError(f"the remote kernel on {self.entry.host.label} stopped: {data.get('reason')}",
                           stderr_tail=self._unshown_stderr(data.get("stderr_tail")),
                           hint=_hint_for(self._all_stderr(data.get("stderr_tail"))))
@@ -459,6 +463,7 @@ class Launcher:
         if state.phase is Phase.STARTING or state.remote_dir is None:
             self._take_stderr(event.uplink)
             self._drain_remote_output()
+            self.backend.check(self.ssh)  # a batch job that ended says so (state and reason)
             self._raise_startup_failure(status)
         if status == ATTACH_EXIT_GONE or (state.phase is Phase.STOPPING and status == 0):
             self._forget_state_file()
@@ -522,6 +527,8 @@ class Launcher:
             self._attach_remote()
         except HostKeyError as exc:
             raise _host_key_refused(exc, self.entry) from exc
+        except AgentGoneError:
+            raise  # the batch job ended: no reconnect can bring it back
         except RemoteKernelError as exc:
             delay = _backoff(state.attempt)
             state.next_attempt = time.monotonic() + delay
@@ -577,16 +584,21 @@ class Launcher:
         record = records.load_restart_record(path) if path is not None else None
         if record is None or record.host != self.entry.host.label or pid_alive(record.pid):
             return None
-        return {"dir": record.dir, "token": record.token}
+        job = {"job_id": record.job_id, "job_dir": record.job_dir or ""} if record.job_id else {}
+        return {"dir": record.dir, "token": record.token, **job}
 
     def _write_state_file(self) -> None:
         path = self._state_file()
         if path is None or self.state.remote_dir is None:
             return
+        job = self.locator if self.locator is not None and self.locator.job_id else None
         records.save_restart_record(path, records.RestartRecord(
-            pid=os.getpid(), host=self.entry.host.label, dir=self.state.remote_dir, token=self.token))
+            pid=os.getpid(), host=self.entry.host.label, dir=self.state.remote_dir, token=self.token,
+            job_id=job.job_id if job else None, job_dir=job.job_dir if job else None))
 
     def _forget_state_file(self) -> None:
+        if self.locator is not None and self.locator.job_id:
+            return  # a batch job outlives its kernel for a moment: a restart finds it here and reuses it
         path = self._state_file()
         if path is not None:
             records.forget_restart_record(path)

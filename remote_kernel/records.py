@@ -178,6 +178,12 @@ class RestartRecord(Record):
     host: str
     dir: str
     token: str
+    job_id: str | None = None  # a batch backend's job holding the agent (a restart reuses it)
+    job_dir: str | None = None  # ... and the name of the job's directory (its agent.sock)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        return {name: value for name, value in data.items() if value is not None}  # the stable form
 
 
 def restart_record_path(runtime_dir: Path, connection_file: Path) -> Path:

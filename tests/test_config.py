@@ -14,7 +14,7 @@ from remote_kernel.config import (
     dotted_key,
     load_config,
 )
-from remote_kernel.entry import KERNEL_NAME_RULE, HostEntry
+from remote_kernel.entry import KERNEL_NAME_RULE, HostEntry, SlurmSettings
 from remote_kernel.errors import ConfigError, ConfigProblem, UsageError
 
 
@@ -592,6 +592,7 @@ SAMPLE_SETTINGS: dict[str, tuple[str, object]] = {
     "runtime_dir": ('"/scratch/alice"', "/scratch/alice"),
     "output_backlog": ('"8MiB"', 8 << 20),
     "launcher": ('"provisioner"', "provisioner"),
+    "slurm": ('{ time = "1:00:00" }', SlurmSettings(time="1:00:00")),
 }
 
 

@@ -7,14 +7,18 @@ a shared, already-authenticated one from a per-user service later).
 
 from __future__ import annotations
 
-from remote_kernel.backends.base import Backend, Connector, DirectConnector, Locator
+from remote_kernel.backends.base import AgentGoneError, Backend, Connector, DirectConnector, Locator
 from remote_kernel.entry import KernelEntry
 
-__all__ = ["Backend", "Connector", "DirectConnector", "Locator", "backend_for"]
+__all__ = ["AgentGoneError", "Backend", "Connector", "DirectConnector", "Locator", "backend_for"]
 
 
 def backend_for(entry: KernelEntry) -> Backend:
     """The backend that runs ``entry``'s agent (recorded as ``Locator.kind``)."""
+    if entry.slurm is not None:
+        from remote_kernel.backends.slurm import SlurmBackend
+
+        return SlurmBackend(entry.slurm)
     from remote_kernel.backends.direct import DirectBackend
 
     return DirectBackend()

@@ -16,6 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from remote_kernel.entry import HostEntry, KernelEntry
+from remote_kernel.errors import LaunchError
+
+
+class AgentGoneError(LaunchError):
+    """The place the agent lived in has ended for good (a batch job: TIMEOUT, CANCELLED, ...):
+    reconnecting cannot bring it back, so the launcher stops retrying and says why."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Locator:
     dir: str  # the agent's private directory (agent.sock is there)
     job_id: str | None = None  # batch backends: the job holding the agent
     node: str | None = None  # ... and the node it runs on
+    job_dir: str | None = None  # ... and the name of the job's directory (where a restart asks)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: value for name, value in asdict(self).items() if value is not None}
@@ -65,6 +72,15 @@ class DirectConnector:
 
 class Backend(Protocol):
     kind: str
+    # When the agent's place started (a batch job's start, after its queue wait): startup_timeout
+    # counts from there. None: from the launch itself.
+    started_at: float | None
+
+    def cancel(self) -> None:
+        """Give up a start that waits (a batch queue): the launcher was told to stop."""
+
+    def check(self, connection: Any) -> None:
+        """Raise AgentGoneError if the agent's place has ended (nothing for a plain SSH host)."""
 
     def start(self, connection: Any, entry: KernelEntry, request: dict[str, Any], *,
               setup_budget: float | None = None) -> Any:

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 
 class DirectBackend:
     kind = "ssh"
+    started_at: float | None = None
+
+    def cancel(self) -> None:
+        """Nothing waits: a start on the host itself is bounded by startup_timeout alone."""
+
+    def check(self, connection: Any) -> None:
+        """The host outlives its kernels: nothing ends under the agent."""
 
     def start(self, connection: Any, entry: KernelEntry, request: dict[str, Any], *,
               setup_budget: float | None = None) -> Any:

@@ -1065,6 +1065,10 @@ def splice(directory: str, leftover: bytes) -> int:
     except OSError as exc:
         sys.stderr.write("remote-kernel: the kernel at %s is gone (%s)\n" % (directory, exc))
         return 4
+    if os.isatty(1):  # `srun -u` gives the step a pty for stdout: pass bytes, not lines
+        import tty
+
+        tty.setraw(1)
     _write_all(sock.fileno(), leftover)
     pairs = {0: (sock.fileno(), "in"), sock.fileno(): (1, "out")}
     while True:
@@ -1089,6 +1093,137 @@ def _write_all(fd: int, data: bytes) -> None:
                 continue
             raise
         view = view[sent:]
+
+
+# ------------------------------------------------------------------------------------ batch jobs
+
+JOB_LINGER = 10.0  # seconds a job waits for a restart's new kernel once its last kernel ended
+BOOT_LIMIT = 1024 * 1024  # bytes of a BOOT frame's payload (the launcher's is ~1 KiB)
+
+
+def _attach_dir(config: Dict[str, Any]) -> str:
+    """The directory to splice to: ``dir``, or a batch job's directory found by ``job_dir`` (its
+    name, chosen by the launcher) under the bases this host uses, waited for up to ``wait`` s
+    (the job's setup lines run before its agent listens)."""
+    if config.get("dir"):
+        return str(config["dir"])
+    name = os.path.basename(str(config.get("job_dir") or ""))
+    deadline = time.monotonic() + float(config.get("wait") or 0)
+    while True:
+        for base in _bases(config.get("runtime_dir")):
+            if os.path.exists(os.path.join(base, name, AGENT_SOCKET)):
+                return os.path.join(base, name)
+        if time.monotonic() >= deadline:
+            return os.path.join(base_path(None), name)
+        time.sleep(0.1)
+
+
+def hold(started: Started) -> int:
+    """``await`` mode: the main process of a batch job. Listens on <job dir>/agent.sock and runs
+    one agent (forked) per BOOT frame that arrives there through `srun --overlap`, so the key
+    never appears in the batch script; a restart's new kernel reuses the allocation. The job
+    ends when no kernel is left and none was asked for within JOB_LINGER seconds (at first:
+    startup_timeout), or on SIGTERM (scancel, the time limit)."""
+    if started.error:
+        sys.stderr.write("remote-kernel: %s\n" % started.error)
+        return 2
+    stopping: List[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(started.dir, AGENT_SOCKET))
+    listener.listen(CANDIDATE_LIMIT)
+    children: List[int] = []
+    wait, idle_since = float(started.config.get("startup_timeout") or 60), time.monotonic()
+    try:
+        while not stopping:
+            children = [pid for pid in children if not _reaped(pid)]
+            if children:
+                wait, idle_since = JOB_LINGER, time.monotonic()
+            elif time.monotonic() - idle_since > wait:
+                break
+            if select.select([listener], [], [], LOOP_TICK)[0]:
+                children += _boot_from(listener)
+    finally:
+        listener.close()
+        for pid in children:  # SIGTERM reached them too (the whole job is signalled)
+            _reaped(pid, wait=KILL_GRACE + 2)
+        if is_our_dir(started.dir):
+            import shutil
+
+            shutil.rmtree(started.dir, ignore_errors=True)
+    return 0
+
+
+def _reaped(pid: int, wait: float = 0.0) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done or time.monotonic() >= deadline:
+            return bool(done)
+        time.sleep(0.05)
+
+
+def _boot_from(listener: socket.socket) -> List[int]:
+    """Accept one connection; if it starts with a BOOT frame (a start request), fork its agent."""
+    try:
+        sock, _ = listener.accept()
+    except OSError:
+        return []
+    try:
+        sock.settimeout(CANDIDATE_TIMEOUT)
+        kind, payload, leftover = _read_boot(sock)
+        import marshal
+
+        config = marshal.loads(payload) if kind == P.BOOT else None  # noqa: S302 - our uid's 0700 socket
+    except (OSError, ValueError, EOFError, TypeError):
+        config = None
+    if not isinstance(config, dict) or config.get("mode") != "start":
+        sock.close()
+        return []
+    pid = os.fork()
+    if pid:
+        sock.close()
+        return [pid]
+    listener.close()
+    code = 1
+    try:
+        code = _run_booted(Started(config, leftover), sock)
+    finally:
+        os._exit(code)
+
+
+def _read_boot(sock: socket.socket) -> Any:
+    buffer = b""
+    while True:
+        if len(buffer) >= P.HEADER.size:
+            kind, _sid, _seq, length = P.HEADER.unpack_from(buffer)
+            if length > BOOT_LIMIT:
+                raise ValueError("BOOT frame too large")
+            end = P.HEADER.size + length
+            if len(buffer) >= end:
+                return kind, buffer[P.HEADER.size:end], buffer[end:]
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("the connection closed before a whole BOOT frame")
+        buffer += data
+
+
+def _run_booted(started: Started, sock: socket.socket) -> int:
+    """In the forked child: start the kernel and serve it with this connection as the uplink."""
+    from remote_kernel.remote.spawn import start_kernel
+
+    try:
+        start_kernel(started)
+    except (AgentError, OSError) as exc:
+        started.error = str(exc)
+    sock.setblocking(False)
+    agent = Agent(started.config)
+    agent.uplink_sock = sock
+    agent.uplink_r = agent.uplink_w = sock.fileno()
+    return agent.run(started)
 
 
 # ------------------------------------------------------------------------------------ listing
@@ -1190,7 +1325,9 @@ def main(started: Started) -> int:
     if mode == "start":
         return Agent(config).run(started)
     if mode == "attach":
-        return splice(str(config["dir"]), started.leftover)
+        return splice(_attach_dir(config), started.leftover)
+    if mode == "await":
+        return hold(started)
     if mode == "list":
         sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents(config.get("runtime_dir"))}) + "\n")
         return 0

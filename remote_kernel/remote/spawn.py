@@ -314,6 +314,23 @@ def start_kernel(started: Started) -> None:
     started.kernel = spawn_kernel(argv, env)
 
 
+JOB_DIR_ENV = "RK_JOB_DIR"  # set by a batch job's script (backends/slurm.py): the directory it made
+
+
+def take_job_dir(started: Started) -> None:
+    """``await`` mode (a batch job's main process): the private directory the job's script made
+    (named by the launcher, so it can find agent.sock there through `srun --overlap`)."""
+    path = os.environ.pop(JOB_DIR_ENV, "")
+    try:
+        info = os.lstat(path) if path else None
+    except OSError:
+        info = None
+    if info is None or not is_our_dir(path) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        started.error = "the job's directory %r is not a private directory of ours" % path
+        return
+    started.dir = path
+
+
 # --------------------------------------------------------------------------------------- entry
 
 
@@ -342,6 +359,8 @@ def begin() -> Started:
     # marshal: the launcher's own request, on the session it authenticated (and the program
     # that runs here came the same way).
     started = Started(marshal.loads(payload), leftover)  # noqa: S302 - see above
+    if started.config.get("mode") == "await":
+        take_job_dir(started)
     if started.config.get("mode") == "start":
         try:
             start_kernel(started)
