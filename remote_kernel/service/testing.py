@@ -35,6 +35,7 @@ def stop_service(directory: Path, timeout: float = 15.0) -> None:
     """SIGTERM the service of ``directory`` (its kernels shut down), SIGKILL after ``timeout``."""
     pid = service_pid(directory)
     if pid is None:
+        _forget_socket(directory)
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
         with contextlib.suppress(ProcessLookupError):
@@ -42,5 +43,12 @@ def stop_service(directory: Path, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if service_pid(directory) is None:
+                _forget_socket(directory)
                 return
             time.sleep(0.05)
+
+
+def _forget_socket(directory: Path) -> None:
+    """A killed service cannot remove its socket (a deep directory's lives in /tmp/rk-service-<uid>)."""
+    with contextlib.suppress(OSError):
+        paths.socket_path(directory).unlink()
