@@ -4,11 +4,16 @@ shutdown, a job that ends under the kernel, and no key anywhere Slurm shows."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -18,6 +23,7 @@ from slurm import SlurmCluster, slurm, slurm_cluster  # noqa: F401 - fixtures
 from sshd import SSHServer
 
 from remote_kernel.entry import KernelEntry, SlurmSettings
+from remote_kernel.launcher import RemoteKernel
 
 pytestmark = pytest.mark.slow
 
@@ -82,23 +88,127 @@ def test_a_kernel_runs_in_a_job_interrupts_restarts_in_it_and_its_shutdown_ends_
     assert slurm.active_jobs() == []
 
 
+def ready_kernel(entry: KernelEntry, connection_file: Path) -> RemoteKernel:
+    kernel = RemoteKernel(entry, connection_file)
+    kernel.start()
+    kernel.wait_ready(timeout=JOB_TIMEOUT)
+    return kernel
+
+
+def client_of(kernel: RemoteKernel) -> BlockingKernelClient:
+    kc = BlockingKernelClient(connection_file=str(kernel.connection_file))
+    kc.load_connection_file()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=JOB_TIMEOUT)
+    return kc
+
+
 def test_a_job_cancelled_from_outside_ends_the_launcher_naming_the_job_and_its_state(
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+    kernel = ready_kernel(slurm_entry(login, remote_python, "cancelled"), tmp_path / "kernel.json")
+    try:
+        job = our_job(slurm, "cancelled")
+        slurm.run("scancel", job["id"])
+        assert kernel.wait(timeout=60) not in (None, 0)
+        assert kernel.error is not None
+        assert f"job {job['id']} CANCELLED" in kernel.error.message
+    finally:
+        kernel.close()
+    assert slurm.active_jobs() == []
+
+
+def test_a_pending_job_is_logged_with_its_reason_and_the_kernel_starts_when_the_job_does(
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="remote_kernel.progress")
+    entry = slurm_entry(login, remote_python, "held", extra_args=("--begin=now+20",))
+    kernel = ready_kernel(entry, tmp_path / "kernel.json")
+    try:
+        job = our_job(slurm, "held")
+        pending = [r.getMessage() for r in caplog.records if "PENDING" in r.getMessage()]
+        assert pending and f"job {job['id']} PENDING (BeginTime)" in pending[0]
+        assert any(f"job {job['id']} RUNNING" in r.getMessage() for r in caplog.records)
+        kc = client_of(kernel)
+        assert execute(kc, "1+1").result == "2"
+        kc.stop_channels()
+    finally:
+        kernel.close()
+
+
+def test_a_shutdown_while_the_job_is_pending_cancels_it_at_once(
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+    entry = slurm_entry(login, remote_python, "never", extra_args=("--begin=now+600",))
+    kernel = RemoteKernel(entry, tmp_path / "kernel.json")
+    kernel.start()
+    try:
+        assert wait_until(lambda: [j for j in slurm.jobs() if j["name"].startswith("rk-never-")], timeout=30)
+        job = our_job(slurm, "never")
+        assert job["state"] == "PENDING"
+        kernel.terminate()
+        assert kernel.wait(timeout=15) is not None
+        assert slurm.wait_state(job["id"], ("CANCELLED",), timeout=10) == "CANCELLED"
+    finally:
+        kernel.close()
+
+
+def test_an_ssh_drop_is_reattached_through_a_new_srun_step_and_the_kernel_keeps_its_state(
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+    kernel = ready_kernel(slurm_entry(login, remote_python, "dropped"), tmp_path / "kernel.json")
+    try:
+        kc = client_of(kernel)
+        execute(kc, "x = 41")
+        for pid in login.session_pids():
+            os.kill(pid, signal.SIGKILL)  # the launcher's TCP connection dies, the job lives on
+        assert execute(kc, "print(x + 1)", timeout=60).stdout.strip() == "42"
+        assert len(slurm.active_jobs()) == 1
+        kc.stop_channels()
+    finally:
+        kernel.close()
+
+
+def test_a_killed_launcher_leaves_a_job_that_ends_after_the_lease(
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+    entry = slurm_entry(login, remote_python, "orphan")
+    write_spec(dataclasses.replace(entry, reconnect_grace=5.0))
+    km = KernelManager(kernel_name="orphan")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=JOB_TIMEOUT)
+        job = our_job(slurm, "orphan")
+        km.provisioner.process.kill()  # type: ignore[union-attr]  # SIGKILL: nothing of ours says goodbye
+        km.provisioner.process.wait(10)  # type: ignore[union-attr]
+        # lease (5 s) + the agent's silence limit + the job's linger for a restart
+        assert slurm.wait_state(job["id"], ("COMPLETED", "CANCELLED", "GONE"), timeout=60) != "RUNNING"
+        assert slurm.active_jobs() == []
+    finally:
+        kc.stop_channels()
+        km.cleanup_resources()
+
+
+def test_a_job_that_reaches_its_time_limit_is_named_timeout_and_the_restart_submits_no_new_job(
         slurm: SlurmCluster, login: SSHServer, remote_python: Path) -> None:  # noqa: F811
-    entry = slurm_entry(login, remote_python, "cancelled")
+    entry = slurm_entry(login, remote_python, "brief", time="0:01:00")
     write_spec(entry)
-    km = KernelManager(kernel_name="cancelled")
-    km.start_kernel(stdout=None, stderr=None)
+    km = KernelManager(kernel_name="brief")
+    stderr = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    km.start_kernel(stderr=stderr)
     try:
         kc = km.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=JOB_TIMEOUT)
-        job = our_job(slurm, "cancelled")
-        slurm.run("scancel", job["id"])
-        assert wait_until(lambda: km.provisioner is not None and km.provisioner.process.poll() is not None,
-                          timeout=60)
-        assert km.provisioner.process.returncode != 0
+        job = our_job(slurm, "brief")
+        assert slurm.wait_state(job["id"], ("TIMEOUT",), timeout=150) == "TIMEOUT"
+        assert wait_until(lambda: km.provisioner.process.poll() is not None, timeout=60)  # type: ignore[union-attr]
+        assert km.provisioner.process.returncode != 0  # type: ignore[union-attr]
+        # what Jupyter's auto-restart does next: the same kernel again, same connection file
+        km.restart_kernel(now=True)
+        assert wait_until(lambda: km.provisioner.process.poll() is not None, timeout=60)  # type: ignore[union-attr]
+        assert km.provisioner.process.returncode != 0  # type: ignore[union-attr]
+        assert [j["id"] for j in slurm.jobs() if j["name"].startswith("rk-brief-")] == [job["id"]]
         kc.stop_channels()
     finally:
         if km.has_kernel:
             km.shutdown_kernel(now=True)
-    assert slurm.active_jobs() == []
+        stderr.close()
