@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import struct
 
 TYPE_CHECKING = False  # typing costs the remote agent ~2 ms of its start; annotations are strings
@@ -73,8 +74,6 @@ ACK_EVERY_SECONDS = 0.2
 
 class ProtocolError(Exception):
     """The byte stream is not a valid frame stream, or a sequence number is out of order."""
-
-
 
 
 def encode(kind: int, sid: int, seq: int, payload: bytes = b"") -> bytes:
@@ -210,6 +209,152 @@ class ReliableReceiver:
 
 def hello(fields: Dict[str, Any], received: int) -> bytes:
     return encode(HELLO, 0, received, encode_json(fields))
+
+
+class Link:
+    """One end's half of the reliable link, the same on both ends (tunnel.py, remote/agent.py):
+    what waits to be sent, what waits for acknowledgement, what was received, when to
+    acknowledge, and what to send first on a reattach. Each end keeps its own I/O and locking
+    (the tunnel's threads, the agent's poll loop) around it."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.outbox = Outbox()
+        self.sender = ReliableSender()
+        self.receiver = ReliableReceiver()
+        self.decoder = FrameDecoder()
+        self.last_ack = now
+
+    def may_read_sources(self, bulk_limit: int) -> bool:
+        """Whether to read clients (kernel sockets): bulk backs up in the outbox or awaits ACK."""
+        return self.outbox.bulk_bytes < bulk_limit and self.sender.unacked_bytes < UNACKED_LIMIT
+
+    def next_item(self) -> Optional[Tuple[int, int, bytes]]:
+        """The next frame to sequence; bulk data waits while UNACKED_LIMIT bytes await ACK."""
+        if self.sender.unacked_bytes >= UNACKED_LIMIT and self.outbox.bulk_bytes:
+            return None
+        return self.outbox.pop()
+
+    def ack_if_due(self, now: float) -> Optional[bytes]:
+        """An ACK frame when enough bytes or time went by since the last one, else None."""
+        if not self.receiver.ack_due(now - self.last_ack):
+            return None
+        self.last_ack = now
+        return self.receiver.make_ack()
+
+    def resume(self, fields: Dict[str, Any], peer_received: Optional[int] = None) -> List[bytes]:
+        """A new connection: our HELLO (which acknowledges all we received), then every frame the
+        peer has not confirmed (``peer_received``: what its HELLO says it has). A partial frame
+        of the old connection is forgotten: the peer re-sends it whole."""
+        self.decoder.reset()
+        if peer_received is not None:
+            self.sender.acknowledge(peer_received)
+        self.receiver.acked = self.receiver.received
+        self.receiver.bytes_since_ack = 0
+        return [hello(fields, self.receiver.received), *self.sender.unacknowledged()]
+
+
+class Liveness:
+    """Is the peer still there? A link can go silent without any error (Wi-Fi roaming, a sleeping
+    NAT, a VPN re-key): TCP notices after minutes. The launcher PINGs every ``ping_interval``
+    seconds and times one PONG at a time (srtt/rttvar, as TCP does, RFC 6298); the link counts as
+    lost when nothing at all came for ``limit()`` seconds: never below ``floor`` (a slow link is
+    not a dead one), growing with the round trip. Each PING carries that limit and the agent
+    ``adopt``s it, so both ends give up on the same schedule. Until ``heard`` (the launcher: the
+    agent's first byte; setup lines may run for minutes) silence does not count."""
+
+    def __init__(self, floor: float, ping_interval: float = 0.0, now: float = 0.0, heard: bool = False) -> None:
+        self.floor = floor
+        self.ping_interval = ping_interval
+        self.last_rx = now
+        self.last_ping = now
+        self.heard = heard
+        self.ping_sent: Optional[float] = None  # when the PING being timed was sent
+        self.srtt: Optional[float] = None
+        self.rttvar = 0.0
+        self.adopted: Optional[float] = None  # the peer's limit, from its PING
+
+    def restart(self, now: float) -> None:
+        """A new connection: nothing heard on it yet, no PING in flight."""
+        self.last_rx = now
+        self.heard = False
+        self.ping_sent = None
+
+    def received(self, now: float) -> None:
+        self.last_rx = now
+        self.heard = True
+
+    def ping_if_due(self, now: float, received: int) -> Optional[bytes]:
+        """A PING frame (acknowledging ``received``, naming our limit) when one is due."""
+        if now - self.last_ping < self.ping_interval:
+            return None
+        self.last_ping = now
+        if self.ping_sent is None:
+            self.ping_sent = now  # one round trip timed at a time
+        return encode(PING, 0, received, ("%.1f" % self.limit()).encode())
+
+    def pong(self, now: float) -> None:
+        if self.ping_sent is None:
+            return
+        sample = now - self.ping_sent
+        self.ping_sent = None
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
+
+    def adopt(self, payload: bytes, bounds: Tuple[float, float]) -> None:
+        """The peer's PING names its limit (seconds): use the same, within ``bounds``."""
+        try:
+            limit = float(payload)
+        except ValueError:
+            return
+        if not math.isnan(limit):
+            self.adopted = min(max(limit, bounds[0]), bounds[1])
+
+    def limit(self) -> float:
+        """Seconds without a byte from the peer after which the link counts as dead."""
+        if self.adopted is not None:
+            return self.adopted
+        if self.srtt is None:
+            return self.floor
+        timeout = self.srtt + 4 * self.rttvar  # TCP's retransmission timeout (RFC 6298)
+        return max(self.floor, self.ping_interval + 3 * timeout)
+
+    def silent_for(self, now: float) -> Optional[float]:
+        """Seconds of silence once they exceed the limit (the link is lost), else None."""
+        silent = now - self.last_rx
+        return silent if self.heard and silent > self.limit() else None
+
+
+class StreamFlow:
+    """Per-stream flow control, the same on both ends: ``outbuf`` holds what the peer sent for
+    this stream that its local socket has not taken yet. Above STREAM_HIGH_WATER we ask the peer
+    to PAUSE the stream, below STREAM_LOW_WATER to RESUME it: one stalled client (or kernel
+    socket) holds up only its own stream. ``peer_paused``: the peer asked us to hold ours."""
+
+    def __init__(self) -> None:
+        self.outbuf = bytearray()
+        self.peer_paused = False
+        self.we_paused = False
+
+    def pause_due(self) -> bool:
+        """After bytes were added to ``outbuf``: True once when the peer must PAUSE."""
+        if not self.we_paused and len(self.outbuf) > STREAM_HIGH_WATER:
+            self.we_paused = True
+            return True
+        return False
+
+    def resume_due(self) -> bool:
+        """After bytes left ``outbuf``: True once when the peer may RESUME."""
+        if self.we_paused and len(self.outbuf) < STREAM_LOW_WATER:
+            self.we_paused = False
+            return True
+        return False
+
+    def peer_says(self, kind: int) -> None:
+        """A PAUSE or RESUME frame from the peer for this stream."""
+        self.peer_paused = kind == PAUSE
 
 
 class Watcher:

@@ -33,7 +33,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from remote_kernel import protocol as P
@@ -54,13 +54,10 @@ FLUSH_TIMEOUT = 2.0
 EXIT_STATUS_WAIT = 1.0  # seconds to wait for the exit-status that may follow EOF
 CLIENT_LIMIT = 256  # client connections per port; beyond it new ones are closed at once
 ACCEPT_BACKOFF = 1.0  # seconds a listener is not watched after EMFILE/ENFILE (it would spin)
-# LIVENESS. A link can go silent without any error (Wi-Fi roaming, a sleeping NAT, a VPN re-key):
-# TCP notices after minutes, SSH keepalives after keepalive x 3. So the pump sends a tiny PING
-# every IDLE_PING seconds and measures the PONG's round trip (srtt/rttvar, as TCP does); when no
-# byte at all has come from the agent for silence_limit() seconds, the link is declared lost and
-# the launcher reconnects. The limit never drops below LIVENESS_FLOOR (a slow link is not a dead
-# one) and grows with the measured round trip. Each PING carries the limit, and the agent applies
-# it to us. Before the agent's first byte (setup lines may run for minutes) it does not apply.
+# LIVENESS (protocol.Liveness). SSH keepalives notice a silent link after keepalive x 3, TCP after
+# minutes; so the pump PINGs every IDLE_PING seconds and declares the link lost when no byte at all
+# has come from the agent for the adaptive limit (never below LIVENESS_FLOOR); the launcher
+# then reconnects.
 IDLE_PING = 2.5
 LIVENESS_FLOOR = 10.0
 
@@ -90,14 +87,14 @@ class Event:
     uplink: Any = None
 
 
-@dataclass
-class ClientStream:
-    sid: int
-    channel: str
-    sock: socket.socket
-    outbuf: bytearray = field(default_factory=bytearray)
-    peer_paused: bool = False
-    we_paused: bool = False
+class ClientStream(P.StreamFlow):
+    """A client connection: its frames' stream id, its channel, and its flow state."""
+
+    def __init__(self, sid: int, channel: str, sock: socket.socket) -> None:
+        super().__init__()
+        self.sid = sid
+        self.channel = channel
+        self.sock = sock
 
 
 class Tunnel:
@@ -110,17 +107,16 @@ class Tunnel:
         self._watcher = P.Watcher()
         self._events = events
         self._ping_interval = ping_interval
-        self._liveness_floor = liveness_floor
-        self._heard = False  # a byte has come from the agent on this uplink (see LIVENESS)
-        self._ping_sent: float | None = None  # when the PING being timed was queued
-        self._srtt: float | None = None
-        self._rttvar = 0.0
+        self._live = P.Liveness(liveness_floor, ping_interval, time.monotonic())  # under _work
         self._lock = threading.Condition()
         self._work = threading.RLock()  # see the module docstring
-        self._outbox = P.Outbox()
-        self._sender = P.ReliableSender()
-        self._receiver = P.ReliableReceiver()
-        self._decoder = P.FrameDecoder()
+        self._link = P.Link(time.monotonic())
+        # The link's parts, by their locks: _lock guards the outbox and sender (the writer
+        # thread's), _work the receiver and decoder (the pump's and the transport thread's).
+        self._outbox = self._link.outbox
+        self._sender = self._link.sender
+        self._receiver = self._link.receiver
+        self._decoder = self._link.decoder
         self._raw: list[bytes] = []  # link frames and re-sends, written before the outbox
         self._uplink: Uplink | None = None
         self._streams: dict[int, ClientStream] = {}
@@ -139,9 +135,6 @@ class Tunnel:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # a full pipe already wakes the pump: never wait on it
-        self._last_rx = time.monotonic()
-        self._last_ack = time.monotonic()
-        self._last_ping = time.monotonic()
         self._failure: BaseException | None = None
         self._refused = 0  # connections refused by the owner check
         self._refusal_logged = -REFUSAL_LOG_INTERVAL
@@ -161,14 +154,12 @@ class Tunnel:
         and re-send everything the agent has not acknowledged; it drops what it already has."""
         with self._work, self._lock:
             self._uplink = uplink
-            self._decoder.reset()
             self._unreleased = 0
-            self._last_rx = time.monotonic()
-            self._heard = False
-            self._ping_sent = None
+            self._live.restart(time.monotonic())
             if hello is not None:
-                self._raw = [P.hello(hello, self._receiver.received), *self._sender.unacknowledged()]
-                self._receiver.acked = self._receiver.received
+                self._raw = self._link.resume(hello)
+            else:
+                self._decoder.reset()
             self._lock.notify_all()
         # Not under _work: the channel hands over its backlog under its own lock, the order the
         # transport thread takes them in. Bytes the pump read before this are handled first.
@@ -308,7 +299,7 @@ class Tunnel:
                 chunks = self._raw
                 self._raw = []
                 size = sum(len(chunk) for chunk in chunks)
-                while self._running and size < WRITE_BATCH and (item := self._pop_allowed()) is not None:
+                while self._running and size < WRITE_BATCH and (item := self._link.next_item()) is not None:
                     wire = self._sender.sequence(*item)
                     chunks.append(wire)
                     size += len(wire)
@@ -318,11 +309,6 @@ class Tunnel:
             if not self._running and not self._sending:
                 return None, None
             self._lock.wait()
-
-    def _pop_allowed(self) -> tuple[int, int, bytes] | None:
-        if self._sender.unacked_bytes >= P.UNACKED_LIMIT and self._outbox.bulk_bytes:
-            return None
-        return self._outbox.pop()
 
     def _lost(self, uplink: Uplink, reason: str) -> None:
         with self._lock:
@@ -398,7 +384,7 @@ class Tunnel:
         uplink = self._uplink
         if uplink is not None:
             wanted[uplink.fileno()] = (uplink, P.READABLE)
-        may_read = self._outbox.bulk_bytes < BULK_LIMIT and self._sender.unacked_bytes < P.UNACKED_LIMIT
+        may_read = self._link.may_read_sources(BULK_LIMIT)
         for stream in self._streams.values():
             events = P.READABLE if may_read and not stream.peer_paused else 0
             if stream.outbuf:
@@ -423,36 +409,12 @@ class Tunnel:
         uplink = self._uplink
         if uplink is None:
             return
-        if now - self._last_ping >= self._ping_interval:
-            self._last_ping = now
-            if self._ping_sent is None:
-                self._ping_sent = now  # one round trip timed at a time
-            limit = f"{self._silence_limit():.1f}".encode()
-            self._put_raw(P.encode(P.PING, 0, self._receiver.received, limit))
-        elif self._receiver.ack_due(now - self._last_ack):
-            self._last_ack = now
-            self._put_raw(self._receiver.make_ack())
-        silent = now - self._last_rx
-        if self._heard and silent > self._silence_limit():
+        frame = self._live.ping_if_due(now, self._receiver.received) or self._link.ack_if_due(now)
+        if frame is not None:
+            self._put_raw(frame)
+        silent = self._live.silent_for(now)
+        if silent is not None:
             self._lost(uplink, f"link silent for {silent:.0f} s")
-
-    def _silence_limit(self) -> float:
-        """Seconds without a byte from the agent after which the link counts as dead."""
-        if self._srtt is None:
-            return self._liveness_floor
-        timeout = self._srtt + 4 * self._rttvar  # TCP's retransmission timeout (RFC 6298)
-        return max(self._liveness_floor, self._ping_interval + 3 * timeout)
-
-    def _on_pong(self) -> None:
-        if self._ping_sent is None:
-            return
-        sample = time.monotonic() - self._ping_sent
-        self._ping_sent = None
-        if self._srtt is None:
-            self._srtt, self._rttvar = sample, sample / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
-            self._srtt = 0.875 * self._srtt + 0.125 * sample
 
     def _drop_closed_sockets(self) -> None:
         for stream in list(self._streams.values()):
@@ -532,8 +494,7 @@ class Tunnel:
             self._close_stream(stream, tell_peer=True)
             return
         del stream.outbuf[:sent]
-        if stream.we_paused and len(stream.outbuf) < P.STREAM_LOW_WATER:
-            stream.we_paused = False
+        if stream.we_paused and stream.resume_due():
             self._put(P.RESUME, stream.sid)
 
     def _close_stream(self, stream: ClientStream, *, tell_peer: bool) -> None:
@@ -574,8 +535,7 @@ class Tunnel:
             _await_exit_status(uplink, EXIT_STATUS_WAIT)
             self._lost(uplink, "the SSH channel closed")
             return
-        self._last_rx = time.monotonic()
-        self._heard = True
+        self._live.received(time.monotonic())
         for frame in self._decoder.feed(data):
             self._on_frame(frame)
 
@@ -588,8 +548,7 @@ class Tunnel:
                 if self._uplink is not uplink or not self._running:
                     return  # an old link's last packets: the agent re-sends them on reattach
                 self._wake_pump = False
-                self._last_rx = time.monotonic()
-                self._heard = True
+                self._live.received(time.monotonic())
                 before = self._unreleased
                 self._unreleased += len(data)
                 for frame in self._decoder.feed(data):
@@ -611,7 +570,7 @@ class Tunnel:
                 self._lock.notify_all()
             self._wake_pump = True  # the acknowledgement may let it read clients again
             if kind == P.PONG:
-                self._on_pong()
+                self._live.pong(time.monotonic())
             elif kind == P.HELLO:
                 self._events.put(Event("attached", P.decode_json(payload)))
             return
@@ -634,8 +593,7 @@ class Tunnel:
             self._write_client(stream)
         if was_empty and stream.outbuf:
             self._wake_pump = True  # to watch the client for writing
-        if not stream.we_paused and len(stream.outbuf) > P.STREAM_HIGH_WATER:
-            stream.we_paused = True
+        if stream.pause_due():
             self._put(P.PAUSE, sid)
 
     def _on_close(self, sid: int, payload: bytes) -> None:
@@ -645,11 +603,11 @@ class Tunnel:
 
     def _on_pause(self, sid: int, payload: bytes) -> None:
         if (stream := self._streams.get(sid)) is not None:
-            stream.peer_paused = True
+            stream.peer_says(P.PAUSE)
 
     def _on_resume(self, sid: int, payload: bytes) -> None:
         if (stream := self._streams.get(sid)) is not None:
-            stream.peer_paused = False
+            stream.peer_says(P.RESUME)
             self._wake_pump = True
 
 

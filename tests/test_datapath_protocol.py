@@ -4,6 +4,8 @@ processes, no sockets. Part of the fast data-path layer (`pytest -k datapath`)."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,3 +132,163 @@ def test_datapath_an_ack_is_due_after_enough_bytes_or_enough_time_and_never_twic
     assert receiver.ack_due(P.ACK_EVERY_SECONDS) == (receiver.acked != receiver.received)
     receiver.make_ack()
     assert not receiver.ack_due(3600.0)
+
+
+# ------------------------------------------------------------------ flow control (Link, StreamFlow)
+
+SCALED = {"STREAM_HIGH_WATER": 64 * 1024, "STREAM_LOW_WATER": 8 * 1024, "UNACKED_LIMIT": 256 * 1024,
+          "ACK_EVERY_BYTES": 16 * 1024}  # the real marks, scaled down so an example runs in ms
+PIPE_CAPACITY = 128 * 1024  # bytes in flight each way (the SSH window)
+READ_SIZE = 16 * 1024
+BULK = 512 * 1024
+
+
+def scaled_marks() -> Any:
+    return mock.patch.multiple(P, STREAM_HIGH_WATER=SCALED["STREAM_HIGH_WATER"],
+                               STREAM_LOW_WATER=SCALED["STREAM_LOW_WATER"],
+                               UNACKED_LIMIT=SCALED["UNACKED_LIMIT"], ACK_EVERY_BYTES=SCALED["ACK_EVERY_BYTES"])
+
+
+class FlowEnd:
+    """One end as tunnel.py and agent.py drive the shared classes: read sources while the link
+    allows, sequence into a bounded pipe, decode the peer's frames, buffer per stream."""
+
+    def __init__(self, sids: range) -> None:
+        self.link = P.Link()
+        self.streams = {sid: P.StreamFlow() for sid in sids}
+        self.delivered = {sid: bytearray() for sid in sids}
+
+    def read_sources(self, sources: dict[int, bytearray]) -> None:
+        for sid, source in sources.items():
+            if source and not self.streams[sid].peer_paused and self.link.may_read_sources(BULK):
+                self.link.outbox.put(P.DATA, sid, bytes(source[:READ_SIZE]))
+                del source[:READ_SIZE]
+
+    def send(self, pipe: bytearray, now: float) -> None:
+        ack = self.link.ack_if_due(now)
+        if ack is not None:
+            pipe += ack
+        while len(pipe) < PIPE_CAPACITY and (item := self.link.next_item()) is not None:
+            pipe += self.link.sender.sequence(*item)
+
+    def take(self, pipe: bytearray) -> None:
+        for kind, sid, seq, payload in self.link.decoder.feed(bytes(pipe)):
+            if kind in P.LINK_FRAMES:
+                self.link.sender.acknowledge(seq)
+            elif self.link.receiver.accept(seq, len(payload)):
+                self._on_frame(kind, sid, payload)
+        pipe.clear()
+
+    def _on_frame(self, kind: int, sid: int, payload: bytes) -> None:
+        stream = self.streams[sid]
+        if kind == P.DATA:
+            stream.outbuf += payload
+            if stream.pause_due():
+                self.link.outbox.put(P.PAUSE, sid)
+        else:
+            stream.peer_says(kind)
+
+    def consume(self, sid: int, size: int) -> None:
+        stream = self.streams[sid]
+        self.delivered[sid] += stream.outbuf[:size]
+        del stream.outbuf[:size]
+        if stream.resume_due():
+            self.link.outbox.put(P.RESUME, sid)
+
+
+def _run_flow(totals: list[int], rates: list[list[int]], ticks: int) -> tuple[FlowEnd, list[bytes], int]:
+    """Stream i sends totals[i] bytes from the launcher's side; the agent's side consumes
+    rates[t % len(rates)][i] bytes of it at tick t. Returns the agent's end, what was sent, and
+    the largest per-stream buffer seen."""
+    sids = range(len(totals))
+    launcher, agent = FlowEnd(sids), FlowEnd(sids)
+    sent = [pattern_bytes(sid, total) for sid, total in enumerate(totals)]
+    sources = {sid: bytearray(data) for sid, data in enumerate(sent)}
+    up, down = bytearray(), bytearray()
+    largest = 0
+    for tick in range(ticks):
+        now = tick * 0.05
+        launcher.read_sources(sources)
+        launcher.send(up, now)
+        agent.take(up)
+        for sid in sids:
+            agent.consume(sid, rates[tick % len(rates)][sid])
+            largest = max(largest, len(agent.streams[sid].outbuf))
+        agent.send(down, now)
+        launcher.take(down)
+    return agent, sent, largest
+
+
+CYCLE = bytes(range(251)) * 2
+
+
+def pattern_bytes(sid: int, size: int) -> bytes:
+    """Bytes whose position (mod 251) and stream show: a lost or repeated chunk shows."""
+    return (CYCLE[sid * 31 % 251:][:251] * (size // 251 + 1))[:size]
+
+
+RATES = st.lists(st.lists(st.integers(0, 48 * 1024), min_size=3, max_size=3), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(totals=st.lists(st.integers(0, 600_000), min_size=3, max_size=3), stalls=RATES)
+def test_datapath_flow_control_never_deadlocks(totals: list[int], stalls: list[list[int]]) -> None:
+    """Whatever the consumers did (stalls included), once they read again everything arrives
+    within a bounded number of rounds, in order: no PAUSE is left without its RESUME."""
+    with scaled_marks():
+        drain = [[64 * 1024] * 3]
+        agent, sent, largest = _run_flow(totals, stalls * 10 + drain, len(stalls) * 10 + 400)
+        for sid, data in enumerate(sent):
+            assert bytes(agent.delivered[sid]) == data
+        # A stream's buffer stays near its high-water mark: what was in flight when it paused.
+        assert largest <= SCALED["STREAM_HIGH_WATER"] + PIPE_CAPACITY + READ_SIZE
+
+
+@settings(max_examples=40, deadline=None)
+@given(totals=st.lists(st.integers(1, 400_000), min_size=2, max_size=2),
+       rates=st.lists(st.integers(4096, 48 * 1024), min_size=2, max_size=2))
+def test_datapath_a_stalled_stream_never_holds_up_the_others(totals: list[int], rates: list[int]) -> None:
+    with scaled_marks():
+        agent, sent, _ = _run_flow([2_000_000, *totals], [[0, *rates]], 600)
+        for sid in (1, 2):
+            assert bytes(agent.delivered[sid]) == sent[sid]
+        assert not agent.delivered[0]
+        assert agent.streams[0].we_paused
+
+
+@given(samples=st.lists(st.floats(0.0, 30.0), min_size=1, max_size=30), floor=st.floats(0.5, 60.0))
+def test_datapath_the_silence_limit_never_drops_below_its_floor_and_the_agent_adopts_it(
+        samples: list[float], floor: float) -> None:
+    launcher, agent = P.Liveness(floor, ping_interval=2.5), P.Liveness(20.0, heard=True)
+    now = 0.0
+    for sample in samples:
+        now += 2.5
+        ping = launcher.ping_if_due(now, received=0)
+        assert ping is not None
+        named = P.FrameDecoder().feed(ping)[0][3]  # the launcher's limit, in its PING
+        agent.adopt(named, (2.0, 3600.0))
+        assert agent.limit() == min(max(float(named), 2.0), 3600.0)
+        launcher.pong(now + sample)
+        assert launcher.limit() >= floor
+    launcher.received(now)
+    assert launcher.silent_for(now + launcher.limit() - 0.01) is None
+    assert launcher.silent_for(now + launcher.limit() + 0.1) is not None
+
+
+def test_datapath_a_ping_that_names_no_number_leaves_the_agent_limit_as_it_was() -> None:
+    agent = P.Liveness(20.0, heard=True)
+    for payload in (b"nan", b"", b"soon"):
+        agent.adopt(payload, (2.0, 3600.0))
+    assert agent.limit() == 20.0
+
+
+def test_datapath_a_reattach_says_what_we_have_and_resends_what_the_peer_lacks() -> None:
+    link = P.Link()
+    for payload in (b"one", b"two", b"three"):
+        link.sender.sequence(P.DATA, 1, payload)
+    assert link.receiver.accept(1, 10)
+    link.decoder.feed(b"\x02\x00")  # a partial frame of the old connection
+    frames = P.FrameDecoder().feed(b"".join(link.resume({"token": "t"}, peer_received=1)))
+    assert [(kind, seq) for kind, _, seq, _ in frames] == [(P.HELLO, 1), (P.DATA, 2), (P.DATA, 3)]
+    assert link.decoder.feed(P.encode(P.DATA, 1, 2, b"x")) == [(P.DATA, 1, 2, b"x")]
+    assert link.ack_if_due(3600.0) is None  # the HELLO acknowledged everything received

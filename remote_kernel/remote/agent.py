@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import errno
 import json
-import math
 import os
 import select
 import signal
@@ -74,16 +73,14 @@ DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024  # config "output_backlog": kernel out
 # --------------------------------------------------------------------------------------- streams
 
 
-class Stream:
+class Stream(P.StreamFlow):
     """One client connection of the launcher, mirrored by a connection to the kernel's socket."""
 
     def __init__(self, sid: int, channel: str, sock: Optional[socket.socket]) -> None:
+        super().__init__()
         self.sid = sid
         self.channel = channel
         self.sock = sock
-        self.outbuf = bytearray()
-        self.peer_paused = False  # the launcher asked us not to send this stream's data
-        self.we_paused = False  # we asked the launcher to hold this stream's data
         # iopub output is read whatever the uplink does (the kernel drops what we do not read),
         # into the backlog, and dropped a whole message at a time when that is full.
         self.framer: Optional[IopubFramer] = IopubFramer() if channel == "iopub" else None
@@ -333,7 +330,8 @@ class Agent:
         self.grace = float(config.get("reconnect_grace", 300))
         self.startup_timeout = float(config.get("startup_timeout", 60))
         self.output_backlog = int(config.get("output_backlog") or DEFAULT_OUTPUT_BACKLOG)
-        self.silence_limit = DEFAULT_SILENCE
+        # The launcher's PINGs keep this alive and name its silence limit (protocol.Liveness).
+        self.live = P.Liveness(DEFAULT_SILENCE, now=time.monotonic(), heard=True)
         self.outage_since: Optional[float] = None  # last byte from the launcher before a detach
         self.outage_seconds: Optional[float] = None  # how long the last outage lasted
         self.info_error = ""
@@ -346,16 +344,15 @@ class Agent:
         self.started_wall = time.time()
         self.detached_wall: Optional[float] = None
         self.streams: Dict[int, Stream] = {}
-        self.outbox = P.Outbox()
-        self.sender = P.ReliableSender()
-        self.receiver = P.ReliableReceiver()
-        self.decoder = P.FrameDecoder()
+        self.link = P.Link(time.monotonic())
+        self.outbox = self.link.outbox
+        self.sender = self.link.sender
+        self.receiver = self.link.receiver
+        self.decoder = self.link.decoder
         self.wire = bytearray()
         self.uplink_r: Optional[int] = 0
         self.uplink_w: Optional[int] = 1
         self.uplink_sock: Optional[socket.socket] = None
-        self.last_rx = time.monotonic()
-        self.last_ack = time.monotonic()
         self.listener: Optional[socket.socket] = None
         self.accept_paused_until = 0.0
         self.candidates: Dict[socket.socket, Candidate] = {}
@@ -459,7 +456,7 @@ class Agent:
         return delivered or self.replaced or self.abandoned or self.terminate_requested or self._lease_expired()
 
     def _lease_expired(self) -> bool:
-        return time.monotonic() - self.last_rx > self.grace
+        return time.monotonic() - self.live.last_rx > self.grace
 
     # ----------------------------------------------------------------------------- main loop
 
@@ -499,7 +496,7 @@ class Agent:
                     wanted[self.uplink_r] = (uplink, P.READABLE | P.WRITABLE)
                 else:
                     wanted[self.uplink_w] = (self.uplink_w, P.WRITABLE)
-        may_read = self.outbox.bulk_bytes < BULK_LIMIT and self.sender.unacked_bytes < P.UNACKED_LIMIT
+        may_read = self.link.may_read_sources(BULK_LIMIT)
         for stream in self.streams.values():
             if stream.sock is None:
                 continue
@@ -547,11 +544,12 @@ class Agent:
             self._log("no launcher for %.0f s (reconnect_grace): stopping the kernel" % self.grace)
             self._kill_group(signal.SIGKILL)
             self._check_kernel(now, force=True)
-        if self.uplink_w is not None and self.receiver.ack_due(now - self.last_ack):
-            self.wire += self.receiver.make_ack()
-            self.last_ack = now
-        if self.uplink_r is not None and now - self.last_rx > self.silence_limit:
-            self._detach("no byte from the launcher for %.0f s: the link is silent" % (now - self.last_rx))
+        ack = self.link.ack_if_due(now) if self.uplink_w is not None else None
+        if ack is not None:
+            self.wire += ack
+        silent = self.live.silent_for(now) if self.uplink_r is not None else None
+        if silent is not None:
+            self._detach("no byte from the launcher for %.0f s: the link is silent" % silent)
         for candidate in [c for c in self.candidates.values() if now > c.deadline]:
             self._drop_candidate(candidate.sock)
         self._report_drops_at_boundaries()
@@ -736,8 +734,7 @@ class Agent:
             self._drop_stream(stream, tell_peer=True)
             return
         del stream.outbuf[:sent]
-        if stream.we_paused and len(stream.outbuf) < P.STREAM_LOW_WATER:
-            stream.we_paused = False
+        if stream.we_paused and stream.resume_due():
             self.outbox.put(P.RESUME, stream.sid)
 
     def _drop_stream(self, stream: Stream, tell_peer: bool) -> None:
@@ -754,10 +751,8 @@ class Agent:
     # ----------------------------------------------------------------------------- uplink
 
     def _fill_wire(self) -> None:
-        while self.sender.unacked_bytes < P.UNACKED_LIMIT or self.outbox.bulk_bytes == 0:
-            if self.uplink_w is not None and len(self.wire) >= WIRE_LOW_WATER:
-                return
-            item = self.outbox.pop()
+        while self.uplink_w is None or len(self.wire) < WIRE_LOW_WATER:
+            item = self.link.next_item()
             if item is None:
                 return
             wire = self.sender.sequence(*item)
@@ -786,7 +781,7 @@ class Agent:
         if not data:
             self._detach("the launcher's SSH session ended")
             return
-        self.last_rx = time.monotonic()
+        self.live.received(time.monotonic())
         self._handle_uplink_bytes(data)
 
     def _handle_uplink_bytes(self, data: bytes) -> None:
@@ -800,7 +795,7 @@ class Agent:
 
     def _detach(self, why: str) -> None:
         if self.uplink_r is not None and self.outage_since is None:
-            self.outage_since = self.last_rx
+            self.outage_since = self.live.last_rx
         if self.uplink_sock is not None:
             self.uplink_sock.close()
         else:
@@ -831,7 +826,7 @@ class Agent:
             self.confirmed = self.confirmed or seq > 0
             if kind == P.PING:
                 self.wire += P.encode(P.PONG, 0, self.receiver.received)
-                self._set_silence_limit(payload)
+                self.live.adopt(payload, SILENCE_BOUNDS)
             return
         if not self.receiver.accept(seq, len(payload)):
             return
@@ -846,7 +841,7 @@ class Agent:
         elif kind in (P.PAUSE, P.RESUME):
             stream = self.streams.get(sid)
             if stream is not None:
-                stream.peer_paused = kind == P.PAUSE
+                stream.peer_says(kind)
         elif kind == P.SIGNAL:
             self._on_signal(int(payload))
         elif kind == P.SHUTDOWN:
@@ -861,18 +856,8 @@ class Agent:
             self._send_to_kernel(stream, stream.sock)
             if sid not in self.streams:
                 return
-        if not stream.we_paused and len(stream.outbuf) > P.STREAM_HIGH_WATER:
-            stream.we_paused = True
+        if stream.pause_due():
             self.outbox.put(P.PAUSE, sid)
-
-    def _set_silence_limit(self, payload: bytes) -> None:
-        """The launcher's PING names its own liveness deadline (seconds): we use the same."""
-        try:
-            limit = float(payload)
-        except ValueError:
-            return
-        if not math.isnan(limit):
-            self.silence_limit = min(max(limit, SILENCE_BOUNDS[0]), SILENCE_BOUNDS[1])
 
     def _on_signal(self, signum: int) -> None:
         if signum not in [int(s) for s in ALLOWED_SIGNALS]:
@@ -940,14 +925,11 @@ class Agent:
             self._detach("a new launcher connection replaced the old one")
         self.uplink_sock = sock
         self.uplink_r = self.uplink_w = sock.fileno()
-        self.decoder = P.FrameDecoder()
-        self.last_rx = time.monotonic()
+        self.live.received(time.monotonic())
         if self.outage_since is not None:
-            self.outage_seconds = self.last_rx - self.outage_since
+            self.outage_seconds = self.live.last_rx - self.outage_since
             self.outage_since = None
-        self.sender.acknowledge(acked)
-        self.wire += P.hello(self._hello_fields(), self.receiver.received)
-        for wire in self.sender.unacknowledged():
+        for wire in self.link.resume(self._hello_fields(), peer_received=acked):
             self.wire += wire
         self.detached_wall = None
         self._write_info()
