@@ -111,11 +111,15 @@ def restored_logging() -> Iterator[None]:
     handlers): put every logger back as it was, so no test's logging depends on an earlier one."""
     loggers = [logging.getLogger(), *(item for item in logging.root.manager.loggerDict.values()
                                        if isinstance(item, logging.Logger))]
-    saved = [(logger, logger.level, logger.propagate, logger.disabled, list(logger.handlers)) for logger in loggers]
+    saved = {logger.name: (logger.level, logger.propagate, logger.disabled, list(logger.handlers))
+             for logger in loggers}
     yield
-    for logger, level, propagate, disabled, handlers in saved:
-        logger.setLevel(level)
-        logger.propagate, logger.disabled, logger.handlers = propagate, disabled, handlers
+    for item in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+        if isinstance(item, logging.Logger):
+            # A logger first made during the test goes back to a fresh logger's state.
+            level, propagate, disabled, handlers = saved.get(item.name, (logging.NOTSET, True, False, []))
+            item.setLevel(level)
+            item.propagate, item.disabled, item.handlers = propagate, disabled, handlers
 
 
 def _require_sshd() -> None:
