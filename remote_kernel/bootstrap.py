@@ -27,7 +27,7 @@ from remote_kernel.entry import KernelEntry
 log = logging.getLogger(__name__)
 
 AGENT_MARKER = "remote-kernel-agent"
-CWD_FAILED_EXIT = 97
+CWD_FAILED_EXIT = P.EXIT_CWD_FAILED
 # Reads the payload length given as argv[1] from stdin, byte-exact (no buffered reader that
 # could swallow the frames that follow), then runs it. Python 3.8+; the marker lets `gc` tell
 # our agent from a recycled PID.
@@ -37,7 +37,7 @@ BOOTSTRAP = (
     "n=int(sys.argv[1]);b=b''\n"
     "while len(b)<n:\n"
     " c=os.read(0,n-len(b))\n"
-    " if not c:sys.exit(3)\n"
+    f" if not c:sys.exit({P.EXIT_SHORT_INPUT})\n"
     " b+=c\n"
     "exec(zlib.decompress(b))\n"
 )

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from remote_kernel import bootstrap
 from remote_kernel.entry import DEFAULT_PYTHON, HostEntry, KernelEntry
 from remote_kernel.errors import ConfigError, HostKeyError, RemoteKernelError
+from remote_kernel.protocol import EXIT_NOT_FOUND
 
 _T = TypeVar("_T")
 
@@ -497,7 +498,7 @@ def _probe_failure(entry: KernelEntry, answer: _Probe) -> tuple[str, str]:
         return (f"the remote side did not answer within {entry.startup_timeout + IMPORT_TIMEOUT:g} s",
                 "a setup line or the shell's startup files hang (a prompt, an unreachable NFS home); "
                 f"try `ssh HOST true` and the setup lines of {where} by hand")
-    if answer.exit_status == 127:
+    if answer.exit_status == EXIT_NOT_FOUND:
         return (f"the remote shell could not run {entry.python!r} (exit status 127)",
                 f"set python in {where} to the interpreter's full path (`command -v python3` on the host), or add "
                 "the setup line that puts it on the PATH (module load, conda activate)")

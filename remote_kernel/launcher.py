@@ -30,7 +30,8 @@ from remote_kernel import bootstrap, connection, records
 from remote_kernel.backends import AgentGoneError, Backend, Connector, DirectConnector, Locator, backend_for
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
-from remote_kernel.tunnel import IDLE_PING, Event, Tunnel
+from remote_kernel.protocol import EXIT_ATTACH_GONE, EXIT_NOT_FOUND
+from remote_kernel.tunnel import IDLE_PING, Attached, Crashed, Event, Exited, LinkLost, Log, Ready, Stderr, Tunnel
 
 log = logging.getLogger(__name__)
 remote_log = logging.getLogger("remote_kernel.remote")
@@ -39,7 +40,7 @@ progress = logging.getLogger("remote_kernel.progress")  # console.PROGRESS_LOGGE
 AGENT_EXIT_WAIT = 2.0  # after acknowledging EXITED: how long to wait for the agent to end
 SHUTDOWN_WAIT = 8.0  # the agent waits 3 s between SIGTERM and SIGKILL; allow for a slow link
 STOP_RECONNECT_WAIT = 20.0  # a stop while the link is down: time to reattach and deliver it
-ATTACH_EXIT_GONE = 4  # agent.splice: the kernel's directory or socket is gone
+ATTACH_EXIT_GONE = EXIT_ATTACH_GONE  # agent.splice: the kernel's directory or socket is gone
 # Capped low: once the path returns, the next attempt should come within seconds (issue 12), and an
 # attempt costs one key-authenticated login (an interactive one is never retried: it needs a prompt).
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
@@ -316,11 +317,24 @@ class Launcher:
         )
 
     def _handle(self, event: Event) -> int | None:
-        handler = getattr(self, f"_on_{event.kind}")
-        result: int | None = handler(event)
-        return result
+        match event:
+            case Ready():
+                self._on_ready(event)
+            case Log():
+                self._on_log(event)
+            case Stderr():
+                self._on_stderr(event)
+            case Attached():
+                self._on_attached(event)
+            case Exited():
+                return self._on_exited(event)
+            case LinkLost():
+                return self._on_link_lost(event)
+            case Crashed():
+                return self._on_crashed(event)
+        return None
 
-    def _on_ready(self, event: Event) -> None:
+    def _on_ready(self, event: Ready) -> None:
         data = event.data
         self.locator = self.backend.locator(self.entry, data)
         self.state.remote_dir = self.locator.dir
@@ -332,7 +346,7 @@ class Launcher:
         if self.announce and self.connection_path:
             self.announce(self.connection_path, self.entry)
 
-    def _on_log(self, event: Event) -> None:
+    def _on_log(self, event: Log) -> None:
         # The kernel's own stdout/stderr is relayed as is; never let its key reach our log.
         text = str(event.data).replace(self.info.key, "<key>") if self.info.key else str(event.data)
         if text.startswith(AGENT_NOTE):  # the agent's own narration: -v
@@ -340,7 +354,7 @@ class Launcher:
         else:  # the kernel's stderr/stdout, as a local kernel's would show in Jupyter's log
             self._remote_line(text)
 
-    def _on_stderr(self, event: Event) -> None:
+    def _on_stderr(self, event: Stderr) -> None:
         for line in str(event.data).splitlines():
             if line.strip() == bootstrap.SETUP_DONE:
                 self.state.setup_done = True
@@ -388,7 +402,7 @@ class Launcher:
             if event.kind in ("log", "stderr"):
                 self._handle(event)
 
-    def _on_attached(self, event: Event) -> None:
+    def _on_attached(self, event: Attached) -> None:
         lost_for = time.monotonic() - self.state.lost_at
         hello = event.data if isinstance(event.data, dict) else {}
         # The agent held the kernel's output in its backlog (output_backlog); what did not fit
@@ -405,7 +419,7 @@ class Launcher:
         self.state.attempt = 0
         self._enter(Phase.RUNNING)  # not while stopping: the queued shutdown goes out now
 
-    def _on_crashed(self, event: Event) -> int:
+    def _on_crashed(self, event: Crashed) -> int:
         from remote_kernel.protocol import ProtocolError
 
         if isinstance(event.data, ProtocolError) and self.state.phase is Phase.STARTING:
@@ -420,7 +434,7 @@ class Launcher:
             ) from event.data
         raise LaunchError(f"internal error in the data path: {event.data!r}") from event.data
 
-    def _on_exited(self, event: Event) -> int:
+    def _on_exited(self, event: Exited) -> int:
         self._tunnel.acknowledge_now()
         self._tunnel.flush()
         self._await_agent_exit(AGENT_EXIT_WAIT)
@@ -457,7 +471,7 @@ class Launcher:
             if event.kind in ("log", "stderr"):
                 self._handle(event)
 
-    def _on_link_lost(self, event: Event) -> int | None:
+    def _on_link_lost(self, event: LinkLost) -> int | None:
         status = _exit_status(event.uplink)
         state = self.state
         if state.phase is Phase.STARTING or state.remote_dir is None:
@@ -494,7 +508,7 @@ class Launcher:
             while len(data) < 1 << 20 and channel.recv_stderr_ready():
                 data += channel.recv_stderr(65536)
         if data:
-            self._on_stderr(Event("stderr", data.decode("utf-8", "replace")))
+            self._on_stderr(Stderr(data.decode("utf-8", "replace")))
 
     def _raise_startup_failure(self, status: int | None) -> None:
         if self.state.setup_timed_out:
@@ -502,7 +516,7 @@ class Launcher:
         tail = self._unshown_stderr()
         if status == bootstrap.CWD_FAILED_EXIT:
             reason = f"the working directory {self.entry.cwd!r} does not exist on the remote host"
-        elif status == 127:
+        elif status == EXIT_NOT_FOUND:
             reason = f"the remote shell could not run {self.entry.python!r} (python)"
         else:
             reason = "the remote side ended before the kernel started"

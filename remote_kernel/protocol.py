@@ -18,6 +18,7 @@ field carries the sender's cumulative acknowledgement.
 from __future__ import annotations
 
 import collections
+import enum  # loaded anyway: the agent imports signal, which imports enum
 import json
 import math
 import struct
@@ -70,6 +71,41 @@ STREAM_LOW_WATER = 1024 * 1024
 UNACKED_LIMIT = 64 * 1024 * 1024
 ACK_EVERY_BYTES = 1024 * 1024
 ACK_EVERY_SECONDS = 0.2
+
+
+# Exit statuses of a remote session: the one table. The launcher, doctor and the backends read them
+# from the channel; stage one (remote/spawn.py) keeps copies, held equal by test_agent_stages.py.
+EXIT_BAD_REQUEST = 2  # the first frame is not BOOT, an unknown mode, a batch job's directory not ours
+EXIT_SHORT_INPUT = 3  # the bootstrap: stdin ended before the whole agent program arrived
+EXIT_NOT_OUR_DIR = 3  # attach: the directory named is not one of our kernel directories
+EXIT_ATTACH_GONE = 4  # attach: agent.sock refuses connections: the kernel and its agent are gone
+EXIT_CWD_FAILED = 97  # the start script: `cd <cwd>` failed
+EXIT_NOT_FOUND = 127  # the shell could not run python, or the kernel command could not be executed
+REMOTE_EXITS = {
+    EXIT_BAD_REQUEST: "the agent refused the request",
+    EXIT_SHORT_INPUT: "the agent program did not arrive whole, or (attach) the directory is not ours",
+    EXIT_ATTACH_GONE: "the kernel is gone",
+    EXIT_CWD_FAILED: "the working directory does not exist",
+    EXIT_NOT_FOUND: "a command was not found",
+}
+
+
+class AgentState(str, enum.Enum):
+    """The agent's states (remote/agent.py); the value travels in its HELLO on a reattach."""
+
+    STARTING = "starting"  # the kernel runs; its sockets do not exist yet
+    READY = "ready"  # the sockets exist: streams are relayed (READY was sent)
+    EXITING = "exiting"  # the kernel was told to stop (SIGTERM; SIGKILL after a grace)
+    EXITED = "exited"  # the kernel is gone (EXITED was sent): nothing else may be sent
+
+
+# The one table of the agent's transitions: a state not listed for the current one is refused.
+AGENT_TRANSITIONS = {
+    AgentState.STARTING: frozenset((AgentState.READY, AgentState.EXITING, AgentState.EXITED)),
+    AgentState.READY: frozenset((AgentState.EXITING, AgentState.EXITED)),
+    AgentState.EXITING: frozenset((AgentState.EXITED,)),
+    AgentState.EXITED: frozenset(),
+}
 
 
 class ProtocolError(Exception):

@@ -33,8 +33,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 from remote_kernel import protocol as P
 from remote_kernel.connection import can_see_socket_owners, peer_uid
@@ -63,9 +64,13 @@ LIVENESS_FLOOR = 10.0
 
 
 class Uplink(Protocol):
-    """What the tunnel needs of an SSH exec channel (ssh.ExecChannel) or a local pipe pair."""
+    """What the tunnel needs of an SSH exec channel (ssh.ExecChannel) or a local pipe pair
+    (tests/datapath_harness.py). Reads and writes never block the caller on an empty channel:
+    ``recv`` raises BlockingIOError when nothing is buffered and returns b"" at EOF."""
 
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """Readable when stdout or stderr data, or EOF, arrived."""
+        ...
 
     def recv(self, n: int) -> bytes: ...
 
@@ -73,18 +78,91 @@ class Uplink(Protocol):
 
     def recv_stderr_ready(self) -> bool: ...
 
-    def sendall(self, data: bytes) -> None: ...
+    def sendall(self, data: bytes) -> None:
+        """Send everything; may block while the peer's window is full."""
+        ...
+
+    def deliver_to(self, sink: Callable[[bytes], None]) -> bool:
+        """Hand stdout to ``sink`` as it arrives, on the transport's own thread (False: this
+        uplink cannot; the pump reads with ``recv``). The sink never sends on the uplink."""
+        ...
+
+    def release(self, consumed: int) -> None:
+        """Grant the peer window for ``consumed`` bytes handed to the sink (not from the sink)."""
+        ...
+
+    def can_send_now(self, size: int) -> bool:
+        """True when ``sendall`` of ``size`` bytes would not wait for window."""
+        ...
+
+    def exit_status(self) -> int | None:
+        """The remote command's exit status (-1: ended without one), None while it runs."""
+        ...
 
     def close(self) -> None: ...
 
 
-@dataclass
-class Event:
-    """Something the launcher's main thread must react to."""
+# What the tunnel reports to the launcher's main thread: one small record per kind.
 
-    kind: str  # ready | log | stderr | exited | link_lost | attached | crashed
-    data: Any = None
-    uplink: Any = None
+
+@dataclass(frozen=True)
+class Ready:
+    """The agent's READY: the kernel's sockets exist (kernel_pid, agent_pid, dir, python)."""
+
+    data: dict[str, Any]
+    kind: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True)
+class Log:
+    """A LOG line from the remote side: the kernel's stdout/stderr, or an agent note."""
+
+    data: str
+    kind: ClassVar[str] = "log"
+
+
+@dataclass(frozen=True)
+class Stderr:
+    """Text the remote session wrote on its stderr (the setup lines, the bootstrap)."""
+
+    data: str
+    kind: ClassVar[str] = "stderr"
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The agent's EXITED: the kernel is gone (code, reason, stderr_tail)."""
+
+    data: dict[str, Any]
+    kind: ClassVar[str] = "exited"
+
+
+@dataclass(frozen=True)
+class LinkLost:
+    """The uplink ended or went silent (``data``: why); the streams wait for a reattach."""
+
+    data: str
+    uplink: Uplink
+    kind: ClassVar[str] = "link_lost"
+
+
+@dataclass(frozen=True)
+class Attached:
+    """The agent's HELLO on a reattach (its state, and what output it had to drop meanwhile)."""
+
+    data: dict[str, Any]
+    kind: ClassVar[str] = "attached"
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """A tunnel thread failed: ``close`` re-raises it."""
+
+    data: BaseException
+    kind: ClassVar[str] = "crashed"
+
+
+Event: TypeAlias = Ready | Log | Stderr | Exited | LinkLost | Attached | Crashed
 
 
 class ClientStream(P.StreamFlow):
@@ -163,9 +241,7 @@ class Tunnel:
             self._lock.notify_all()
         # Not under _work: the channel hands over its backlog under its own lock, the order the
         # transport thread takes them in. Bytes the pump read before this are handled first.
-        deliver_to = getattr(uplink, "deliver_to", None)
-        if deliver_to is not None:
-            deliver_to(functools.partial(self._from_uplink, uplink))
+        uplink.deliver_to(functools.partial(self._from_uplink, uplink))
         self._wake()
 
     def acknowledge_now(self) -> None:
@@ -219,7 +295,7 @@ class Tunnel:
         except BaseException as exc:  # surfaced to the main thread, never lost
             log.debug("tunnel thread %s failed", threading.current_thread().name, exc_info=True)
             self._failure = exc
-            self._events.put(Event("crashed", exc))
+            self._events.put(Crashed(exc))
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -257,8 +333,7 @@ class Tunnel:
         uplink = self._uplink
         if uplink is None or self._sending or self._raw or len(self._outbox) != 1 or size > DIRECT_LIMIT:
             return None
-        can_send_now = getattr(uplink, "can_send_now", None)
-        if can_send_now is None or not can_send_now(size) or self._sender.unacked_bytes >= P.UNACKED_LIMIT:
+        if not uplink.can_send_now(size) or self._sender.unacked_bytes >= P.UNACKED_LIMIT:
             return None
         item = self._outbox.pop()
         if item is None:
@@ -317,7 +392,7 @@ class Tunnel:
             self._uplink = None
             self._raw = []
             self._dead_uplinks.append(uplink)  # the pump closes it, holding nothing
-        self._events.put(Event("link_lost", reason, uplink))
+        self._events.put(LinkLost(reason, uplink))
         self._wake()
 
     def _take_dead_uplinks(self) -> list[Uplink]:
@@ -357,9 +432,9 @@ class Tunnel:
         """What sends on the SSH channel, done holding nothing (see the module docstring)."""
         if direct is not None:
             self._send_direct(direct)
-        if consumed and uplink is not None and (release := getattr(uplink, "release", None)) is not None:
+        if consumed and uplink is not None:
             try:
-                release(consumed)
+                uplink.release(consumed)
             except Exception as exc:  # noqa: BLE001 - any failure of the uplink is a drop
                 self._lost(uplink, f"writing to the SSH channel failed: {exc}")
         for dead in self._take_dead_uplinks():
@@ -515,7 +590,7 @@ class Tunnel:
         with contextlib.suppress(Exception):
             while uplink.recv_stderr_ready():
                 text = uplink.recv_stderr(65536).decode("utf-8", "replace")
-                self._events.put(Event("stderr", text))
+                self._events.put(Stderr(text))
 
     def _read_stdout(self, uplink: Uplink) -> None:
         """Stdout the channel buffered (until deliver_to takes over, or where it cannot), or EOF."""
@@ -557,7 +632,7 @@ class Tunnel:
         except BaseException as exc:  # never into paramiko's thread: it would end the connection
             log.debug("delivering the agent's output failed", exc_info=True)
             self._failure = exc
-            self._events.put(Event("crashed", exc))
+            self._events.put(Crashed(exc))
             return
         if wake:
             self._wake()
@@ -572,7 +647,7 @@ class Tunnel:
             if kind == P.PONG:
                 self._live.pong(time.monotonic())
             elif kind == P.HELLO:
-                self._events.put(Event("attached", P.decode_json(payload)))
+                self._events.put(Attached(_json_object(payload)))
             return
         if not self._receiver.accept(seq, len(payload)):
             return
@@ -613,31 +688,43 @@ class Tunnel:
 
 
 def _await_exit_status(uplink: Uplink, timeout: float) -> None:
-    getter = getattr(uplink, "exit_status", None)
-    if getter is None:
-        return
     deadline = time.monotonic() + timeout
     with contextlib.suppress(Exception):
-        while getter() is None and time.monotonic() < deadline:
+        while uplink.exit_status() is None and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
-def _report(kind: str) -> Any:
-    """A frame handler that hands the frame's content to the launcher as an Event."""
-
-    def handler(tunnel: Tunnel, sid: int, payload: bytes) -> None:
-        data: Any = payload.decode("utf-8", "replace") if kind == "log" else P.decode_json(payload)
-        tunnel._events.put(Event(kind, data))
-
-    return handler
+def _json_object(payload: bytes) -> dict[str, Any]:
+    """A frame's JSON object ({} for anything else: the launcher reads fields with .get)."""
+    value = P.decode_json(payload)
+    return value if isinstance(value, dict) else {}
 
 
-_FRAME_HANDLERS: dict[int, Any] = {
+def _on_ready(tunnel: Tunnel, sid: int, payload: bytes) -> None:
+    tunnel._events.put(Ready(_json_object(payload)))
+
+
+def _on_log(tunnel: Tunnel, sid: int, payload: bytes) -> None:
+    tunnel._events.put(Log(payload.decode("utf-8", "replace")))
+
+
+def _on_exited(tunnel: Tunnel, sid: int, payload: bytes) -> None:
+    tunnel._events.put(Exited(_json_object(payload)))
+
+
+_FRAME_HANDLERS: dict[int, Callable[[Tunnel, int, bytes], None]] = {
     P.DATA: Tunnel._on_data,
     P.CLOSE: Tunnel._on_close,
     P.PAUSE: Tunnel._on_pause,
     P.RESUME: Tunnel._on_resume,
-    P.READY: _report("ready"),
-    P.LOG: _report("log"),
-    P.EXITED: _report("exited"),
+    P.READY: _on_ready,
+    P.LOG: _on_log,
+    P.EXITED: _on_exited,
 }
+
+
+if TYPE_CHECKING:  # mypy holds the SSH channel to the Uplink protocol (no import at run time)
+    from remote_kernel.ssh import ExecChannel
+
+    def _an_exec_channel_is_an_uplink(channel: ExecChannel) -> Uplink:
+        return channel

@@ -29,12 +29,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from remote_kernel import bootstrap, connection
 from remote_kernel import protocol as P
-from remote_kernel.tunnel import Event, Tunnel
+from remote_kernel.tunnel import Attached, Crashed, Event, Exited, LinkLost, Ready, Tunnel
 
+E = TypeVar("E", Ready, Attached, LinkLost, Exited)
 WAIT = 15.0  # seconds any single step may take on a loaded machine before the test fails
 
 # The kernel: stdlib only, started by the agent with the connection file as argv[1]. Every
@@ -102,11 +103,15 @@ class PipeUplink:
         self._buffer = bytearray()
         self._eof = False
         self._guard = threading.Lock()
+        self._delivering = threading.Lock()  # the sink gets stdout in order, as from paramiko's tap
         self.released = 0
+        # Applied to stdout as it is read, by the one thread that reads it (Faulty's faults).
+        self.transform: Callable[[bytes], bytes] | None = None
         if deliver:
             self._signal_r, self._signal_w = os.pipe()
             os.set_blocking(self._signal_r, False)
-            threading.Thread(target=self._transport, name="fake-transport", daemon=True).start()
+            self._reader = threading.Thread(target=self._transport, name="fake-transport", daemon=True)
+            self._reader.start()
         else:
             os.set_blocking(self._out, False)
 
@@ -115,7 +120,12 @@ class PipeUplink:
 
     def recv(self, n: int) -> bytes:
         if not self._deliver:
-            return os.read(self._out, n)
+            data = os.read(self._out, n)
+            if data and self.transform is not None:
+                data = self.transform(data)
+                if not data:
+                    raise BlockingIOError("only part of a frame so far")
+            return data
         with self._guard:
             if self._buffer:
                 data = bytes(self._buffer[:n])
@@ -143,11 +153,12 @@ class PipeUplink:
     def deliver_to(self, sink: Callable[[bytes], None]) -> bool:
         if not self._deliver:
             return False
-        with self._guard:
-            self._sink = sink
-            backlog, self._buffer = bytes(self._buffer), bytearray()
-        if backlog:
-            sink(backlog)
+        with self._delivering:
+            with self._guard:
+                self._sink = sink
+                backlog, self._buffer = bytes(self._buffer), bytearray()
+            if backlog:
+                sink(backlog)
         return True
 
     def release(self, consumed: int) -> None:
@@ -165,13 +176,25 @@ class PipeUplink:
             self.proc.stdin.close()  # type: ignore[union-attr]
 
     def close(self) -> None:
+        """Close our ends. With a reader thread, stdout is left to it (closed at EOF, which the
+        closed stdin brings): closed here, its number could be reused by the next session's
+        pipe while the thread still reads it, and steal that session's bytes."""
         if self._closed:
             return
         self._closed = True
         self.close_input()
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stderr,) if self._deliver else (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(OSError):
                 stream.close()  # type: ignore[union-attr]
+
+    def dispose(self) -> None:
+        """After the tunnel is closed and the session ended: the reader thread and the wake-up
+        pipe the pump watched."""
+        if self._deliver:
+            self._reader.join(timeout=WAIT)
+            for fd in (self._signal_r, self._signal_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _transport(self) -> None:
         while True:
@@ -179,17 +202,23 @@ class PipeUplink:
                 data = os.read(self._out, 65536)
             except OSError:
                 data = b""
-            with self._guard:
-                sink = self._sink
-                if not data:
-                    self._eof = True
-                elif sink is None:
-                    self._buffer += data
-            if data and sink is not None:
-                sink(data)
-            else:
-                os.write(self._signal_w, b"x")
-            if not data:
+            eof = not data
+            if data and self.transform is not None:
+                data = self.transform(data)
+            with self._delivering:
+                with self._guard:
+                    sink = self._sink
+                    self._eof = eof
+                    if sink is None:
+                        self._buffer += data
+                if data and sink is not None:
+                    sink(data)
+                elif eof or data:
+                    with contextlib.suppress(OSError):
+                        os.write(self._signal_w, b"x")
+            if eof:
+                with contextlib.suppress(OSError):
+                    self.proc.stdout.close()  # type: ignore[union-attr]
                 return
 
 
@@ -208,6 +237,7 @@ class Faulty:
         self._truncate_recv: int | None = None
         self._out_decoder = P.FrameDecoder()
         self._in_decoder = P.FrameDecoder()
+        inner.transform = self._incoming
 
     # faults
     def cut(self) -> None:
@@ -228,11 +258,7 @@ class Faulty:
     def recv(self, n: int) -> bytes:
         if self.cut_done:
             return b""
-        data = self.inner.recv(n)
-        mangled = self._incoming(data)
-        if data and not mangled and not self.cut_done:
-            raise BlockingIOError("only part of a frame so far")
-        return mangled
+        return self.inner.recv(n)
 
     def recv_stderr_ready(self) -> bool:
         return self.inner.recv_stderr_ready()
@@ -253,12 +279,7 @@ class Faulty:
         self.inner.sendall(self._duplicated(self._out_decoder.feed(data)) if self.duplicate else data)
 
     def deliver_to(self, sink: Callable[[bytes], None]) -> bool:
-        def mangled(data: bytes) -> None:
-            out = self._incoming(data)
-            if out:
-                sink(out)
-
-        return self.inner.deliver_to(mangled)
+        return self.inner.deliver_to(sink)
 
     def release(self, consumed: int) -> None:
         self.inner.release(consumed)
@@ -274,6 +295,7 @@ class Faulty:
 
     # helpers
     def _incoming(self, data: bytes) -> bytes:
+        """What the tunnel gets of ``data`` (read from the agent's stdout, in order)."""
         if self.cut_done or not data:
             return b""
         if self.delay:
@@ -309,6 +331,7 @@ class Rig:
         self.events: queue.Queue[Event] = queue.Queue()
         self.seen: list[Event] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.uplinks: list[PipeUplink] = []
         self.uplink: Faulty | None = None
         self.ready: dict[str, Any] = {}
         self.clients: list[socket.socket] = []
@@ -328,7 +351,7 @@ class Rig:
         self.uplink = self._uplink(session(request))
         self.tunnel.attach(self.uplink)
         self.tunnel.start()
-        self.ready = self.wait_for("ready").data
+        self.ready = self.wait_for(Ready).data
         self.confirm()
         return self.ready
 
@@ -340,8 +363,7 @@ class Rig:
 
     def reattach(self) -> dict[str, Any]:
         self.attach_session(self.token)
-        hello: dict[str, Any] = self.wait_for("attached").data
-        return hello
+        return self.wait_for(Attached).data
 
     def attach_session(self, token: str) -> None:
         """A new session in attach mode (the agent's splice), introduced with ``token``."""
@@ -352,7 +374,7 @@ class Rig:
         """The link dies under both ends; the tunnel notices; a new session reattaches."""
         assert self.uplink is not None
         self.uplink.cut()
-        self.wait_for("link_lost")
+        self.wait_for(LinkLost)
         self.reattach()
 
     def close(self) -> None:
@@ -368,6 +390,9 @@ class Rig:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=WAIT)
+        for uplink in self.uplinks:
+            uplink.dispose()
+        for proc in self.procs:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 with contextlib.suppress(OSError):
                     stream.close()  # type: ignore[union-attr]
@@ -379,7 +404,7 @@ class Rig:
         return self.exited()
 
     def exited(self) -> dict[str, Any]:
-        info: dict[str, Any] = self.wait_for("exited").data
+        info = self.wait_for(Exited).data
         self.tunnel.acknowledge_now()
         return info
 
@@ -388,7 +413,8 @@ class Rig:
 
     # ---------------------------------------------------------------- events and clients
 
-    def wait_for(self, kind: str, timeout: float = WAIT) -> Event:
+    def wait_for(self, kind: type[E], timeout: float = WAIT) -> E:
+        """The next event of ``kind`` (the others are kept in ``seen``); a crash fails the test."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -396,11 +422,11 @@ class Rig:
             except queue.Empty:
                 break
             self.seen.append(event)
-            if event.kind == "crashed":
-                raise AssertionError(f"the tunnel crashed: {event.data!r}")
-            if event.kind == kind:
+            if isinstance(event, Crashed):
+                raise AssertionError(f"the tunnel crashed: {event.data!r}")  # noqa: TRY004 - a test failure
+            if isinstance(event, kind):
                 return event
-        raise AssertionError(f"no {kind!r} event within {timeout} s; seen: {[e.kind for e in self.seen]}")
+        raise AssertionError(f"no {kind.kind!r} event within {timeout} s; seen: {[e.kind for e in self.seen]}")
 
     def logs(self) -> list[str]:
         while True:
@@ -424,7 +450,8 @@ class Rig:
 
     def _uplink(self, proc: subprocess.Popen[bytes]) -> Faulty:
         self.procs.append(proc)
-        return Faulty(PipeUplink(proc, deliver=self.deliver), self.rng, duplicate=self.duplicate, delay=self.delay)
+        self.uplinks.append(PipeUplink(proc, deliver=self.deliver))
+        return Faulty(self.uplinks[-1], self.rng, duplicate=self.duplicate, delay=self.delay)
 
 
 def read_exactly(sock: socket.socket, size: int) -> bytes:

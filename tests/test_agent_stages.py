@@ -69,7 +69,7 @@ def test_a_first_frame_that_is_not_boot_is_refused() -> None:
         [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
         input=payload + P.hello({"mode": "list"}, 0), capture_output=True, timeout=30, check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == P.EXIT_BAD_REQUEST
     assert b"unexpected first frame 20" in result.stderr
 
 
@@ -218,7 +218,8 @@ def test_the_iopub_framer_drops_whole_messages_and_counts_their_lines(
 ) -> None:
     originals = [agent_module.zmtp_message(jupyter_message(n, lines, pad)) for n, (lines, pad) in enumerate(shape)]
     stream = GREETING + READY + b"".join(originals)
-    chunks, pos = [], 0
+    chunks: list[bytes] = []
+    pos = 0
     while pos < len(stream):  # the stream cut at arbitrary places, as reads return it
         size = cuts[len(chunks) % len(cuts)]
         chunks.append(stream[pos:pos + size])
@@ -274,3 +275,81 @@ def test_list_mode_looks_in_runtime_dir_and_in_the_temporary_directory() -> None
     finally:
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ one table of remote exit codes
+
+
+def test_every_copy_of_a_remote_exit_code_is_the_protocol_table_s() -> None:
+    from remote_kernel import launcher
+
+    assert (spawn.EXIT_BAD_REQUEST, spawn.EXIT_NOT_FOUND) == (P.EXIT_BAD_REQUEST, P.EXIT_NOT_FOUND)
+    assert bootstrap.CWD_FAILED_EXIT == P.EXIT_CWD_FAILED
+    assert launcher.ATTACH_EXIT_GONE == P.EXIT_ATTACH_GONE
+    assert set(P.REMOTE_EXITS) == {P.EXIT_BAD_REQUEST, P.EXIT_SHORT_INPUT, P.EXIT_NOT_OUR_DIR,
+                                   P.EXIT_ATTACH_GONE, P.EXIT_CWD_FAILED, P.EXIT_NOT_FOUND}
+
+
+def test_a_session_whose_program_does_not_arrive_whole_exits_with_the_short_input_code() -> None:
+    payload = bootstrap.agent_payload()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
+        input=payload[: len(payload) // 2], capture_output=True, timeout=30, check=False,
+    )
+    assert result.returncode == P.EXIT_SHORT_INPUT
+
+
+def test_attaching_to_a_directory_that_is_not_ours_exits_with_its_code(tmp_path: Path) -> None:
+    payload = bootstrap.agent_payload()
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", bootstrap.BOOTSTRAP, str(len(payload))],
+        input=bootstrap.agent_input({"mode": "attach", "dir": str(tmp_path)}), capture_output=True,
+        timeout=30, check=False,
+    )
+    assert result.returncode == P.EXIT_NOT_OUR_DIR
+    assert b"is not one of our kernel directories" in result.stderr
+
+
+# ------------------------------------------------------------------ the agent's states
+
+
+def test_the_agent_states_have_one_table_where_every_state_can_end_and_exited_is_final() -> None:
+    table = P.AGENT_TRANSITIONS
+    assert set(table) == set(P.AgentState)
+    assert table[P.AgentState.EXITED] == frozenset()
+    assert all(P.AgentState.EXITED in table[state] for state in P.AgentState if state is not P.AgentState.EXITED)
+    assert P.AgentState.STARTING not in set().union(*table.values())  # nothing goes back to starting
+
+
+def _agent_in(state: P.AgentState) -> agent_module.Agent:
+    agent = agent_module.Agent({"token": "t"})
+    agent.state = state
+    return agent
+
+
+def test_a_stop_after_the_kernel_exited_changes_nothing_and_sends_nothing() -> None:
+    agent = _agent_in(P.AgentState.EXITED)
+    agent._stop_kernel("too late")
+    assert agent.state is P.AgentState.EXITED
+    assert len(agent.outbox) == 0
+    assert "reason" not in agent.exit_info
+
+
+def test_a_stop_while_starting_or_ready_moves_to_exiting_once() -> None:
+    for state in (P.AgentState.STARTING, P.AgentState.READY):
+        agent = _agent_in(state)
+        agent._stop_kernel("first")
+        agent._stop_kernel("second")
+        assert agent.state is P.AgentState.EXITING
+        assert agent.exit_info["reason"] == "first"
+
+
+def test_an_exiting_agent_never_becomes_ready_again() -> None:
+    agent = _agent_in(P.AgentState.EXITING)
+    assert not agent._enter(P.AgentState.READY)
+    assert agent.state is P.AgentState.EXITING
+
+
+def test_the_agent_state_travels_as_plain_text_in_its_hello() -> None:
+    agent = _agent_in(P.AgentState.READY)
+    assert json.loads(P.encode_json(agent._hello_fields()))["state"] == "ready"

@@ -12,9 +12,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from datapath_harness import Rig, pattern, read_exactly
+from datapath_harness import WAIT, Rig, pattern, read_exactly, session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from remote_kernel import protocol as P
+from remote_kernel.tunnel import Attached, LinkLost
 
 
 @pytest.fixture(params=[False, True], ids=["pump-reads", "transport-delivers"])
@@ -47,7 +50,7 @@ def test_datapath_a_write_cut_in_the_middle_of_a_frame_is_sent_again_whole(rig: 
     assert rig.uplink is not None
     rig.uplink.truncate_next_send(7)  # inside the next frame's header
     client.sendall(b"first")
-    rig.wait_for("link_lost")
+    rig.wait_for(LinkLost)
     rig.reattach()
     client.sendall(b"second")
     assert read_exactly(client, 11) == b"firstsecond"
@@ -59,7 +62,7 @@ def test_datapath_a_read_cut_in_the_middle_of_a_frame_is_received_again_whole(ri
     rig.uplink.truncate_next_recv(30)  # the echo's frame arrives in part, then the link dies
     data = pattern(2, 100_000)
     client.sendall(data)
-    rig.wait_for("link_lost")
+    rig.wait_for(LinkLost)
     rig.reattach()
     assert read_exactly(client, len(data)) == data
 
@@ -120,16 +123,24 @@ def test_datapath_a_kernel_that_exits_is_reported_with_its_code(rig: Rig) -> Non
     assert rig.agent_gone()
 
 
+def test_datapath_attaching_after_the_kernel_ended_exits_with_the_gone_code(rig: Rig) -> None:
+    rig.shutdown()
+    assert rig.agent_gone()
+    attach = session({"mode": "attach", "dir": rig.ready["dir"]})
+    rig.procs.append(attach)
+    assert attach.wait(timeout=WAIT) == P.EXIT_ATTACH_GONE
+
+
 def test_datapath_a_reattach_with_the_wrong_token_is_refused_and_the_right_one_resumes(rig: Rig) -> None:
     client = rig.client("shell")
     client.sendall(b"before")
     assert read_exactly(client, 6) == b"before"
     assert rig.uplink is not None
     rig.uplink.cut()
-    rig.wait_for("link_lost")
+    rig.wait_for(LinkLost)
     rig.attach_session("not-the-token")
-    rig.wait_for("link_lost")  # the agent drops that connection: the session ends, no HELLO
-    assert not any(event.kind == "attached" for event in rig.seen)
+    rig.wait_for(LinkLost)  # the agent drops that connection: the session ends, no HELLO
+    assert not any(isinstance(event, Attached) for event in rig.seen)
     rig.reattach()
     client.sendall(b"after")
     assert read_exactly(client, 5) == b"after"
@@ -141,7 +152,7 @@ def test_datapath_without_a_launcher_the_lease_runs_out_and_the_kernel_is_stoppe
         rig.start()
         assert rig.uplink is not None
         rig.uplink.cut()
-        rig.wait_for("link_lost")
+        rig.wait_for(LinkLost)
         assert rig.agent_gone()
         assert not os.path.exists(rig.ready["dir"])
     finally:
@@ -177,7 +188,7 @@ def test_datapath_every_byte_arrives_exactly_once_and_in_order_across_any_drops(
                 (rig.uplink.truncate_next_send if op == "cut-send" else rig.uplink.truncate_next_recv)(arg)
                 clients[2].sendall(b"x" * 50)  # frames both ways (pings too): the cut happens
                 sent[2] += b"x" * 50
-                rig.wait_for("link_lost")
+                rig.wait_for(LinkLost)
                 rig.reattach()
         for client, expected in zip(clients, sent, strict=True):
             assert read_exactly(client, len(expected)) == bytes(expected)

@@ -25,7 +25,7 @@ from sshd import SSHServer
 
 from remote_kernel.entry import HostEntry, KernelEntry
 from remote_kernel.launcher import TRANSITIONS, Launcher, Phase
-from remote_kernel.tunnel import Event
+from remote_kernel.tunnel import Attached
 
 
 def _launcher_in(phase: Phase) -> Launcher:
@@ -44,7 +44,7 @@ def test_stopping_is_final_and_every_phase_can_stop() -> None:
 def test_a_reattach_while_stopping_does_not_make_the_kernel_running_again() -> None:
     launcher = _launcher_in(Phase.STOPPING)
     launcher.state.link_down = True
-    launcher._on_attached(Event("attached", {"state": "ready"}))
+    launcher._on_attached(Attached({"state": "ready"}))
     assert launcher.state.phase is Phase.STOPPING
     assert not launcher.state.link_down
 
@@ -52,7 +52,7 @@ def test_a_reattach_while_stopping_does_not_make_the_kernel_running_again() -> N
 def test_a_reattach_while_reconnecting_makes_it_running() -> None:
     launcher = _launcher_in(Phase.RECONNECTING)
     launcher.state.link_down = True
-    launcher._on_attached(Event("attached", {"state": "ready"}))
+    launcher._on_attached(Attached({"state": "ready"}))
     assert launcher.state.phase is Phase.RUNNING
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 
 from remote_kernel import protocol as P
+from remote_kernel.protocol import AgentState
 from remote_kernel.remote.spawn import (
     AGENT_SOCKET,
     AgentError,
@@ -337,7 +338,7 @@ class Agent:
         self.info_error = ""
         self.dir = ""
         self.kernel: Optional[KernelProcess] = None
-        self.state = "starting"  # starting -> ready -> exiting -> exited
+        self.state = AgentState.STARTING  # moved only by _enter (protocol.AGENT_TRANSITIONS)
         self.exit_info: Dict[str, Any] = {}
         self.kill_deadline = 0.0
         self.started_at = time.monotonic()
@@ -441,13 +442,21 @@ class Agent:
             return
         self.info_error = ""
 
+    def _enter(self, state: AgentState) -> bool:
+        """Move to ``state`` if protocol.AGENT_TRANSITIONS allows it (False, and no change, if not)."""
+        if state not in P.AGENT_TRANSITIONS[self.state]:
+            return False
+        self.state = state
+        return True
+
     def _fail_startup(self, message: str) -> None:
-        self.state = "exited"
+        if not self._enter(AgentState.EXITED):
+            return
         self.exit_info = {"code": None, "reason": message, "stderr_tail": "\n".join(self.tail)}
         self.outbox.put(P.EXITED, 0, P.encode_json(self.exit_info))
 
     def _finished(self) -> bool:
-        if self.state != "exited":
+        if self.state is not AgentState.EXITED:
             return False
         delivered = self.sender.unacked_bytes == 0 and not len(self.outbox)
         # A replaced kernel's launcher is gone for good (SIGKILLed by a restart), so the EXITED
@@ -463,7 +472,7 @@ class Agent:
     def _step(self) -> None:
         self._fill_wire()
         self.watcher.update(self._interest())
-        tick = STARTING_TICK if self.state == "starting" else LOOP_TICK
+        tick = STARTING_TICK if self.state is AgentState.STARTING else LOOP_TICK
         events = self.watcher.wait(tick)
         for obj, mask in events:
             if mask & P.WRITABLE:
@@ -533,14 +542,14 @@ class Agent:
 
     def _timers(self) -> None:
         now = time.monotonic()
-        if self.terminate_requested and self.state in ("starting", "ready"):
+        if self.terminate_requested and self.state in (AgentState.STARTING, AgentState.READY):
             self._stop_kernel("the agent received SIGTERM")
-        if self.state == "starting":
+        if self.state is AgentState.STARTING:
             self._check_ready(now)
-        if self.state in ("starting", "ready", "exiting") and now - self.last_kernel_poll >= KERNEL_POLL_INTERVAL:
+        if self.state is not AgentState.EXITED and now - self.last_kernel_poll >= KERNEL_POLL_INTERVAL:
             self.last_kernel_poll = now
             self._check_kernel(now)
-        if self.state != "exited" and self._lease_expired():
+        if self.state is not AgentState.EXITED and self._lease_expired():
             self._log("no launcher for %.0f s (reconnect_grace): stopping the kernel" % self.grace)
             self._kill_group(signal.SIGKILL)
             self._check_kernel(now, force=True)
@@ -558,8 +567,7 @@ class Agent:
 
     def _check_ready(self, now: float) -> None:
         sockets = [os.path.join(self.dir, "k-%d" % n) for n in P.IPC_PORTS.values()]
-        if all(os.path.exists(path) for path in sockets):
-            self.state = "ready"
+        if all(os.path.exists(path) for path in sockets) and self._enter(AgentState.READY):
             assert self.kernel is not None
             self.outbox.put(P.READY, 0, P.encode_json({
                 "kernel_pid": self.kernel.pid, "agent_pid": os.getpid(), "dir": self.dir,
@@ -574,18 +582,17 @@ class Agent:
         if self.kernel is None:
             return
         code = self.kernel.poll()
-        if code is None and self.state == "exiting" and now > self.kill_deadline:
+        if code is None and self.state is AgentState.EXITING and now > self.kill_deadline:
             self._kill_group(signal.SIGKILL)
             code = self._wait_kernel(1.0)
         if code is None and force:
             code = self._wait_kernel(2.0)
-        if code is None:
+        if code is None or not self._enter(AgentState.EXITED):
             return
         self._drain_pipes()
         self._kill_group(signal.SIGKILL)  # whatever the kernel left behind in its group
         reason = self.exit_info.get("reason") or self._describe_exit(code)
         self.exit_info = {"code": code, "reason": reason, "stderr_tail": "\n".join(self.tail)}
-        self.state = "exited"
         self._close_streams()
         self._remove_kernel_files()
         self.outbox.put(P.EXITED, 0, P.encode_json(self.exit_info))
@@ -603,10 +610,9 @@ class Agent:
         return "the kernel exited with code %d" % code
 
     def _stop_kernel(self, reason: str) -> None:
-        if self.state in ("exiting", "exited"):
+        if not self._enter(AgentState.EXITING):
             return
         self.exit_info["reason"] = reason
-        self.state = "exiting"
         self.kill_deadline = time.monotonic() + KILL_GRACE
         self._kill_group(signal.SIGTERM)
 
@@ -656,7 +662,7 @@ class Agent:
 
     def _log(self, message: str) -> None:
         self.tail.append("remote-kernel agent: " + message)
-        if self.state != "exited":  # nothing may follow EXITED (see _open_stream)
+        if self.state is not AgentState.EXITED:  # nothing may follow EXITED (see _open_stream)
             self.outbox.put(P.LOG, 0, ("agent: " + message).encode())
 
     # ----------------------------------------------------------------------------- streams
@@ -664,16 +670,16 @@ class Agent:
     def _open_stream(self, sid: int, channel: str) -> None:
         """Mirror a client connection; until the kernel's sockets exist the stream only buffers
         (closing early connections would make ZMQ lose the client's first request)."""
-        if self.state == "exited":
+        if self.state is AgentState.EXITED:
             # Nothing may follow EXITED: the launcher acknowledges it and leaves, so a CLOSE sent
             # now (for a client that reconnected meanwhile) would never be acknowledged and we
             # would wait out the whole lease. The launcher drops its client sockets as it exits.
             return
-        if channel not in P.IPC_PORTS or self.state not in ("starting", "ready"):
+        if channel not in P.IPC_PORTS or self.state not in (AgentState.STARTING, AgentState.READY):
             self.outbox.put(P.CLOSE, sid)
             return
         self.streams[sid] = Stream(sid, channel, None)
-        if self.state == "ready":
+        if self.state is AgentState.READY:
             self._connect_stream(self.streams[sid])
 
     def _connect_stream(self, stream: Stream) -> None:
@@ -816,7 +822,7 @@ class Agent:
             # start (startup_timeout, a killed launcher) and has no record to reattach with.
             self.abandoned = True
             self._stop_kernel("the launcher left before the kernel was ready")
-        elif self.state != "exited":
+        elif self.state is not AgentState.EXITED:
             self._log("%s; keeping the kernel for up to %.0f s (reconnect_grace)" % (why, self.grace))
 
     def _handle_frame(self, frame: P.Frame) -> None:
@@ -941,7 +947,7 @@ class Agent:
         "nothing was lost" only when that is true."""
         framers = [s.framer for s in self.streams.values() if s.framer is not None]
         return {
-            "state": self.state, "dir": self.dir,
+            "state": self.state.value, "dir": self.dir,
             "dropped_messages": max([f.dropped for f in framers] or [0]),
             "dropped_lines": max([f.lines for f in framers] or [0]),
             "dropping": self._backlog() >= self.output_backlog,
@@ -976,7 +982,7 @@ class Agent:
             format(framer.lines, ","), format(framer.dropped, ","), self._drop_cause(),
             _size(self.output_backlog))
         framer.dropped = framer.lines = 0
-        if self.state != "exited":
+        if self.state is not AgentState.EXITED:
             self.outbox.put(P.LOG, 0, text.strip().encode())  # no "agent: ": the launcher warns
         return zmtp_message(self._stream_message(framer, text))
 
@@ -1040,13 +1046,13 @@ def splice(directory: str, leftover: bytes) -> int:
     """Join this SSH session's stdin/stdout to a running agent's socket (after a dropped link)."""
     if not is_our_dir(directory):
         sys.stderr.write("remote-kernel: %s is not one of our kernel directories\n" % directory)
-        return 3
+        return P.EXIT_NOT_OUR_DIR
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(os.path.join(directory, AGENT_SOCKET))
     except OSError as exc:
         sys.stderr.write("remote-kernel: the kernel at %s is gone (%s)\n" % (directory, exc))
-        return 4
+        return P.EXIT_ATTACH_GONE
     if os.isatty(1):  # `srun -u` gives the step a pty for stdout: pass bytes, not lines
         import tty
 
@@ -1108,7 +1114,7 @@ def hold(started: Started) -> int:
     startup_timeout), or on SIGTERM (scancel, the time limit)."""
     if started.error:
         sys.stderr.write("remote-kernel: %s\n" % started.error)
-        return 2
+        return P.EXIT_BAD_REQUEST
     stopping: List[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1318,7 +1324,7 @@ def main(started: Started) -> int:
         sys.stdout.write(json.dumps({"now": time.time(), "actions": actions}) + "\n")
         return 0
     sys.stderr.write("remote-kernel: unknown mode %r\n" % mode)
-    return 2
+    return P.EXIT_BAD_REQUEST
 
 
 def parse_hello(buffer: bytearray) -> Optional[Any]:

@@ -34,6 +34,8 @@ IPC_PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}  # proto
 AGENT_SOCKET = "agent.sock"
 CONNECTION_FILE = "kernel.json"
 MAX_BASE_LENGTH = 40  # IPC socket paths are limited to ~107 bytes
+EXIT_BAD_REQUEST = 2  # protocol.EXIT_BAD_REQUEST (this stage does not import protocol.py)
+EXIT_NOT_FOUND = 127  # protocol.EXIT_NOT_FOUND
 
 
 class AgentError(Exception):
@@ -272,7 +274,7 @@ def spawn_kernel(argv: List[str], env: Dict[str, str]) -> KernelProcess:
         except OSError as exc:
             os.write(check_w, str(exc.errno or 0).encode())
         finally:
-            os._exit(127)
+            os._exit(EXIT_NOT_FOUND)
     for fd in (out_w, err_w, check_w, devnull):
         os.close(fd)
     failure = os.read(check_r, 32)  # b"" once exec closed the pipe
@@ -346,7 +348,7 @@ def read_first_frame() -> Tuple[int, bytes, bytes]:
                 return kind, buffer[FRAME_HEADER.size:end], buffer[end:]
         data = os.read(0, 65536)
         if not data:
-            raise SystemExit(2)
+            raise SystemExit(EXIT_BAD_REQUEST)
         buffer += data
 
 
@@ -355,7 +357,7 @@ def begin() -> Started:
     kind, payload, leftover = read_first_frame()
     if kind != BOOT:
         sys.stderr.write("remote-kernel: unexpected first frame %d\n" % kind)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_BAD_REQUEST)
     # marshal: the launcher's own request, on the session it authenticated (and the program
     # that runs here came the same way).
     started = Started(marshal.loads(payload), leftover)  # noqa: S302 - see above
