@@ -428,14 +428,6 @@ class Rig:
                 return event
         raise AssertionError(f"no {kind.kind!r} event within {timeout} s; seen: {[e.kind for e in self.seen]}")
 
-    def logs(self) -> list[str]:
-        while True:
-            try:
-                self.seen.append(self.events.get_nowait())
-            except queue.Empty:
-                break
-        return [str(e.data) for e in self.seen if e.kind in ("log", "stderr")]
-
     def client(self, channel: str) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.ports[channel]), timeout=WAIT)
         self.clients.append(sock)
