@@ -295,11 +295,15 @@ class SSHServer:
         text = "\n".join([extra, *lines, match.strip() + " " + match_block if match else ""])
         self.config_path.write_text(text.strip() + "\n")
 
+    def _command(self) -> list[str]:
+        """How sshd is started (a subclass may wrap it, e.g. in a mount namespace)."""
+        return [str(SSHD_BIN), "-D", "-e", "-f", str(self.config_path)]
+
     def _launch(self) -> bool:
         self.log_path.write_text("")
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [str(SSHD_BIN), "-D", "-e", "-f", str(self.config_path)],
+                self._command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

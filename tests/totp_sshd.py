@@ -16,11 +16,10 @@ import hmac
 import os
 import secrets
 import struct
-import subprocess
 import time
 from pathlib import Path
 
-from sshd import SSHD_BIN, START_TIMEOUT, SSHServer, _port_accepts
+from sshd import SSHD_BIN, SSHServer
 
 PAM_OATH_PATHS = ("/lib/x86_64-linux-gnu/security/pam_oath.so", "/lib/aarch64-linux-gnu/security/pam_oath.so",
                   "/usr/lib/x86_64-linux-gnu/security/pam_oath.so", "/lib/security/pam_oath.so")
@@ -78,26 +77,12 @@ class TOTPServer(SSHServer):
     def code(self, step: int = 0) -> str:
         return totp(self.secret, step=step)
 
-    def _launch(self) -> bool:
+    def _command(self) -> list[str]:
+        """sshd in a mount namespace of its own where our PAM file is /etc/pam.d/sshd."""
         self._write_pam()
-        self.log_path.write_text("")
         script = 'mount --bind "$1" /etc/pam.d/sshd && exec "$2" -D -e -f "$3"'
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
-                 str(self.pam_file), str(SSHD_BIN), str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                return False
-            if _port_accepts(self.host, self.port):
-                return True
-            time.sleep(0.02)
-        self.stop()
-        return False
+        return ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
+                str(self.pam_file), str(SSHD_BIN), str(self.config_path)]
 
     def keyboard_interactive_attempts(self) -> int:
         """Connections on which sshd asked a keyboard-interactive question (answered or not)."""
