@@ -141,6 +141,17 @@ class Lease:
             self.pool.release(self.slot, self.link)
 
 
+def _probe_while_alive(link: Link, limit: float) -> bool:
+    """Whether ``link`` answers a probe within ``limit``; a transport seen closed meanwhile
+    (another kernel's drop noticed it) ends the wait at once."""
+    answered = link.conn.probe()
+    deadline = time.monotonic() + limit
+    while not answered.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline or not link.alive():
+            return False
+    return True
+
+
 def _session_refused(exc: SSHError) -> bool:
     """A session refused on a connection that is fine: OpenSSH over MaxSessions answers "Connect
     failed" (paramiko's ChannelException code 2), others "administratively prohibited" (code 1)."""
@@ -206,9 +217,13 @@ class Pool:
         with slot.cond:
             self._forget_dead(slot)
             live = [link for link in slot.links if not link.full] or slot.links
-            if live and not (verify and not self._answers(slot, live[0])):
-                slot.reuses += 1
-                return live[0], None
+            if live:
+                if not verify or self._answers(slot, live[0]):
+                    slot.reuses += 1
+                    return live[0], None
+                # The silent one is closed; while we asked it, another kernel of the host may
+                # have made the new connection: look again before making one more.
+                return None, slot.attempts
             unattended = isinstance(prompter, NobodyPrompter)
             if slot.connecting or (slot.needs is not None and unattended):
                 seen = slot.attempts
@@ -223,7 +238,7 @@ class Pool:
             return True
         slot.cond.release()
         try:
-            answered = link.conn.probe().wait(VERIFY_WAIT)
+            answered = _probe_while_alive(link, VERIFY_WAIT)
         finally:
             slot.cond.acquire()
         if answered:
