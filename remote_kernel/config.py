@@ -36,6 +36,7 @@ from remote_kernel.entry import (
     parse_target,
 )
 from remote_kernel.errors import ConfigError, ConfigProblem, UsageError
+from remote_kernel.forward import format_forward, parse_forward
 
 CONFIG_FILENAME = "remote-kernels.toml"
 CONFIG_ENV_VAR = "REMOTE_KERNEL_CONFIG"
@@ -65,6 +66,11 @@ def _byte_size(value: Any) -> Any:
     return parse_byte_size(value) if isinstance(value, str) else value
 
 
+def _forward_item(value: Any) -> str:
+    """``8787`` or ``"8787"`` -> ``"8787"``, ``"8888:9999"`` as written; ValueError for anything else."""
+    return format_forward(*parse_forward(value))
+
+
 _NonEmpty = Annotated[str, Field(min_length=1)]
 _NoSpace = Annotated[str, Field(pattern=r"^\S+$")]
 _EnvName = Annotated[str, Field(pattern=r"^[^=\x00]+$")]
@@ -74,6 +80,8 @@ _Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 _SecondsOrZero = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 _Bytes = Annotated[int, BeforeValidator(_byte_size), Field(gt=0)]
 _Port = Annotated[int, Field(ge=1, le=65535)]
+# A forward is stored as "REMOTE" or "REMOTE:LOCAL" (forward.parse_forward); a bad one is refused here.
+_ForwardItem = Annotated[str, BeforeValidator(_forward_item)]
 _HostKeyPolicy = Annotated[str, _one_of(HOST_KEY_POLICIES)]
 _InterruptMode = Annotated[str, _one_of(INTERRUPT_MODES)]
 _Launcher = Annotated[str, _one_of(LAUNCHERS)]
@@ -144,6 +152,9 @@ class KernelSettings(BaseModel):
         'a size greater than 0: bytes, or a string like "64MiB", "512MB", "1GiB"')
     launcher: _Launcher | None = _described(
         f"one of {', '.join(map(json.dumps, LAUNCHERS))} (how Jupyter starts the kernel)")
+    forward: list[_ForwardItem] | None = _described(
+        'an array of remote ports to reach locally, each an integer from 1 to 65535 or a string "REMOTE" or '
+        '"REMOTE:LOCAL" (e.g. [8787, "6006:16006"])')
     slurm: SlurmTable | None = _described(
         "a table [kernels.NAME.slurm] (partition, account, time, cpus, mem, gpus, qos, constraint, reservation, "
         "extra_args, queue_timeout): run the kernel in a Slurm job")

@@ -144,11 +144,14 @@ class KernelEntry(Record):
     output_backlog: int = DEFAULT_OUTPUT_BACKLOG
     launcher: str = "argv"
     slurm: SlurmSettings | None = None  # set: the kernel runs in a Slurm job
+    forward: tuple[str, ...] = ()  # remote ports reached locally: "REMOTE" or "REMOTE:LOCAL" (forward.py)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         if data.get("slurm") is None:
             del data["slurm"]  # entries without it keep their stored form and fingerprint
+        if not data.get("forward"):
+            del data["forward"]  # the same
         return {"schema": ENTRY_SCHEMA, **data}
 
     @classmethod

@@ -593,6 +593,7 @@ SAMPLE_SETTINGS: dict[str, tuple[str, object]] = {
     "output_backlog": ('"8MiB"', 8 << 20),
     "launcher": ('"provisioner"', "provisioner"),
     "slurm": ('{ time = "1:00:00" }', SlurmSettings(time="1:00:00")),
+    "forward": ('[8787, "6006:16006"]', ("8787", "6006:16006")),
 }
 
 
