@@ -17,10 +17,11 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from remote_kernel import protocol as P
+
 log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
-CHANNEL_PREFIX = "tcp:"  # the OPEN frame's payload for a forward: "tcp:8787"
 _SPEC = re.compile(r"^\s*(\d{1,5})\s*(?::\s*(\d{1,5})\s*)?$")
 
 
@@ -64,14 +65,8 @@ def format_forward(remote: int, local: int) -> str:
 
 
 def channel_for(remote: int) -> str:
-    return f"{CHANNEL_PREFIX}{remote}"
-
-
-def remote_port(channel: str) -> int | None:
-    """The remote port of a forward's channel name, None for the kernel's own channels."""
-    if not channel.startswith(CHANNEL_PREFIX):
-        return None
-    return int(channel[len(CHANNEL_PREFIX):])
+    """The OPEN frame's payload for a forward ("tcp:8787"; the agent reads it: protocol.forward_port)."""
+    return f"{P.FORWARD_PREFIX}{remote}"
 
 
 def bind_forward(remote: int, local: int, where: str) -> tuple[socket.socket, Forward]:

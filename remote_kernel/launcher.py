@@ -30,6 +30,7 @@ from remote_kernel import bootstrap, connection, records
 from remote_kernel.backends import AgentGoneError, Backend, Connector, DirectConnector, Locator, backend_for
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
+from remote_kernel.forward import Forward, bind_forward, channel_for, parse_forward
 from remote_kernel.protocol import EXIT_ATTACH_GONE, EXIT_NOT_FOUND
 from remote_kernel.tunnel import IDLE_PING, Attached, Crashed, Event, Exited, LinkLost, Log, Ready, Stderr, Tunnel
 
@@ -115,6 +116,7 @@ class Launcher:
         self.connection_path: Path | None = None
         self.created_connection_file = False
         self.tunnel: Tunnel | None = None
+        self.forwards: list[Forward] = []  # served while the kernel runs (forward.py)
         self.ssh: Any = None
         self.started = time.monotonic()
         self._stop_signal = threading.Event()
@@ -180,7 +182,30 @@ class Launcher:
         keepalive = self.entry.host.keepalive or DEFAULT_PING
         ping = max(0.5, min(IDLE_PING, keepalive, self.entry.reconnect_grace / 3))
         self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
+        self._open_forwards()
         log.debug("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
+
+    def forward(self, remote: int, local: int | None = None) -> Forward:
+        """Serve 127.0.0.1:``local`` (default: the same number; a free port when it is taken) reaching
+        127.0.0.1:``remote`` on the kernel's host, through the kernel's own link, for its life."""
+        try:
+            sock, served = bind_forward(remote, local or remote, self.entry.host.label)
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot listen on 127.0.0.1:{local or remote} for the forward to port {remote} on "
+                f"{self.entry.host.label}: {exc.strerror or exc}",
+                hint=f'pick another local port: forward = ["{remote}:LOCAL"] (or FORWARD REMOTE LOCAL)') from exc
+        self._tunnel.add_listener(channel_for(remote), sock)
+        self.forwards.append(served)
+        return served
+
+    def _open_forwards(self) -> None:
+        """The entry's ``forward`` list. One that cannot listen is said, and the kernel starts anyway."""
+        for item in self.entry.forward:
+            try:
+                self.forward(*parse_forward(item))
+            except (ValueError, LaunchError) as exc:
+                log.warning("kernel %s: forward %s: %s", self.entry.name, item, exc)
 
     def _default_connection_path(self) -> Path:
         return connection.default_connection_file(self.runtime_dir or _jupyter_runtime_dir(), self.entry.host)
@@ -765,6 +790,12 @@ class RemoteKernel:
             self.terminate()
             self._done.wait(timeout)
         return self.poll()
+
+    def forward(self, remote: int, local: int | None = None) -> Forward:
+        """Launcher.forward on this kernel (the service's ``forward`` op)."""
+        if self._launcher.tunnel is None:
+            raise LaunchError(f"kernel {self.entry.name!r} is not serving yet: try again when it is ready")
+        return self._launcher.forward(remote, local)
 
     def _announce(self, path: Path, entry: KernelEntry) -> None:
         self._ready.set()

@@ -62,6 +62,9 @@ PRIORITY_FRAMES = frozenset((OPEN, CLOSE, PAUSE, RESUME, SIGNAL, SHUTDOWN, READY
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 # Remote IPC socket suffixes: the kernel binds ipc://<dir>/k-<n> for these fixed "ports".
 IPC_PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+# A forwarded port (remote_kernel/forward.py): OPEN with "tcp:<port>" asks the agent for a TCP
+# connection to 127.0.0.1:<port> on its own host (the compute node of a batch job).
+FORWARD_PREFIX = "tcp:"
 
 # Per-stream flow control: a receiver whose pending bytes for one stream exceed HIGH asks the
 # sender to PAUSE that stream, and RESUMEs it below LOW, so one stalled client cannot hold up
@@ -110,6 +113,14 @@ AGENT_TRANSITIONS = {
 
 class ProtocolError(Exception):
     """The byte stream is not a valid frame stream, or a sequence number is out of order."""
+
+
+def forward_port(channel: str) -> Optional[int]:
+    """The remote port of a forward's channel ("tcp:8787" -> 8787); None for anything else."""
+    digits = channel[len(FORWARD_PREFIX):] if channel.startswith(FORWARD_PREFIX) else ""
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 5 or not 1 <= int(digits) <= 65535:
+        return None
+    return int(digits)
 
 
 def encode(kind: int, sid: int, seq: int, payload: bytes = b"") -> bytes:
@@ -166,7 +177,9 @@ class Outbox:
         self.bulk_bytes = 0
 
     def put(self, kind: int, sid: int, payload: bytes = b"") -> None:
-        if kind in PRIORITY_FRAMES:
+        # A CLOSE waits behind queued data, which may be its stream's last bytes (an HTTP server
+        # answers and closes at once: a forward, forward.py).
+        if kind in PRIORITY_FRAMES and not (kind == CLOSE and self._bulk):
             self._priority.append((kind, sid, payload))
         else:
             self._bulk.append((kind, sid, payload))

@@ -173,6 +173,7 @@ class ClientStream(P.StreamFlow):
         self.sid = sid
         self.channel = channel
         self.sock = sock
+        self.closing = False  # the agent closed it: close once ``outbuf`` reached the client
 
 
 class Tunnel:
@@ -242,6 +243,18 @@ class Tunnel:
         # Not under _work: the channel hands over its backlog under its own lock, the order the
         # transport thread takes them in. Bytes the pump read before this are handled first.
         uplink.deliver_to(functools.partial(self._from_uplink, uplink))
+        self._wake()
+
+    def clients(self) -> int:
+        """Clients connected now: each Jupyter client holds one iopub connection."""
+        return sum(1 for stream in list(self._streams.values()) if stream.channel == "iopub")
+
+    def add_listener(self, channel: str, sock: socket.socket) -> None:
+        """Serve one more local port (a forward, forward.py: ``channel`` is "tcp:<remote port>");
+        its clients are checked and carried like the kernel's own."""
+        with self._work:
+            self._listeners[sock] = channel
+            self._clients.setdefault(channel, 0)
         self._wake()
 
     def acknowledge_now(self) -> None:
@@ -461,7 +474,7 @@ class Tunnel:
             wanted[uplink.fileno()] = (uplink, P.READABLE)
         may_read = self._link.may_read_sources(BULK_LIMIT)
         for stream in self._streams.values():
-            events = P.READABLE if may_read and not stream.peer_paused else 0
+            events = P.READABLE if may_read and not stream.peer_paused and not stream.closing else 0
             if stream.outbuf:
                 events |= P.WRITABLE
             if events:
@@ -507,16 +520,16 @@ class Tunnel:
             # Out of descriptors (EMFILE, ENFILE) or buffers: the pending connection keeps the
             # listener readable, so it is not watched for a moment (else the pump spins).
             self._accept_paused[listener] = time.monotonic() + ACCEPT_BACKOFF
-            log.warning("cannot accept a connection on the kernel's %s port: %s; pausing %g s",
-                        self._listeners[listener], exc.strerror or exc, ACCEPT_BACKOFF)
+            log.warning("cannot accept a connection on %s: %s; pausing %g s",
+                        _port_name(self._listeners[listener]), exc.strerror or exc, ACCEPT_BACKOFF)
             return
         channel = self._listeners[listener]
         if self._clients[channel] >= CLIENT_LIMIT:
             sock.close()
             if channel not in self._refused_logged:  # once per burst, not once per connection
                 self._refused_logged.add(channel)
-                log.warning("refusing connections to the kernel's %s port: %d clients are connected "
-                            "already", channel, CLIENT_LIMIT)
+                log.warning("refusing connections to %s: %d clients are connected already",
+                            _port_name(channel), CLIENT_LIMIT)
             return
         if not self._is_same_user(sock):
             sock.close()
@@ -569,7 +582,9 @@ class Tunnel:
             self._close_stream(stream, tell_peer=True)
             return
         del stream.outbuf[:sent]
-        if stream.we_paused and stream.resume_due():
+        if stream.closing and not stream.outbuf:
+            self._close_stream(stream, tell_peer=False)
+        elif stream.we_paused and stream.resume_due():
             self._put(P.RESUME, stream.sid)
 
     def _close_stream(self, stream: ClientStream, *, tell_peer: bool) -> None:
@@ -673,7 +688,10 @@ class Tunnel:
 
     def _on_close(self, sid: int, payload: bytes) -> None:
         stream = self._streams.get(sid)
-        if stream is not None:
+        if stream is not None and stream.outbuf:
+            stream.closing = True  # what came before the CLOSE (an HTTP answer) still reaches the client
+            self._wake_pump = True
+        elif stream is not None:
             self._close_stream(stream, tell_peer=False)
 
     def _on_pause(self, sid: int, payload: bytes) -> None:
@@ -685,6 +703,11 @@ class Tunnel:
             stream.peer_says(P.RESUME)
             self._wake_pump = True
 
+
+
+def _port_name(channel: str) -> str:
+    port = P.forward_port(channel)
+    return f"the forward to remote port {port}" if port is not None else f"the kernel's {channel} port"
 
 
 def _await_exit_status(uplink: Uplink, timeout: float) -> None:

@@ -42,7 +42,7 @@ from remote_kernel.remote.spawn import (
 
 TYPE_CHECKING = False  # typing costs ~2 ms of the agent's start; annotations are strings
 if TYPE_CHECKING:
-    from typing import Any, Deque, Dict, List, Optional
+    from typing import Any, Deque, Dict, List, Optional, Set
 
 READ_CHUNK = 256 * 1024
 UPLINK_CHUNK = 1024 * 1024
@@ -75,13 +75,16 @@ DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024  # config "output_backlog": kernel out
 
 
 class Stream(P.StreamFlow):
-    """One client connection of the launcher, mirrored by a connection to the kernel's socket."""
+    """One client connection of the launcher, mirrored by a connection to the kernel's socket
+    (or, for a forward's "tcp:<port>" channel, to 127.0.0.1:<port> on this host)."""
 
     def __init__(self, sid: int, channel: str, sock: Optional[socket.socket]) -> None:
         super().__init__()
         self.sid = sid
         self.channel = channel
         self.sock = sock
+        self.connecting = False  # a forward's TCP connect is under way (watched for writable)
+        self.closing = False  # the launcher closed it: close once ``outbuf`` is written
         # iopub output is read whatever the uplink does (the kernel drops what we do not read),
         # into the backlog, and dropped a whole message at a time when that is full.
         self.framer: Optional[IopubFramer] = IopubFramer() if channel == "iopub" else None
@@ -345,6 +348,7 @@ class Agent:
         self.started_wall = time.time()
         self.detached_wall: Optional[float] = None
         self.streams: Dict[int, Stream] = {}
+        self.refused_ports: Set[str] = set()  # forward channels whose refusal was logged (once each)
         self.link = P.Link(time.monotonic())
         self.outbox = self.link.outbox
         self.sender = self.link.sender
@@ -510,6 +514,9 @@ class Agent:
             if stream.sock is None:
                 continue
             events = 0
+            if stream.connecting or stream.closing:
+                wanted[stream.sock.fileno()] = (stream.sock, P.WRITABLE)
+                continue
             # iopub is read whatever the uplink does: the backlog holds it or drops whole messages
             if not stream.peer_paused and (may_read or (stream.framer is not None and not stream.framer.broken)):
                 events = P.READABLE
@@ -574,7 +581,8 @@ class Agent:
                 "python": sys.version.split()[0],
             }))
             for stream in list(self.streams.values()):
-                self._connect_stream(stream)
+                if stream.sock is None:  # a forward's is connected already
+                    self._connect_stream(stream)
         elif now - self.started_at > self.startup_timeout:
             self._stop_kernel("the kernel did not open its sockets within startup_timeout=%gs" % self.startup_timeout)
 
@@ -675,14 +683,19 @@ class Agent:
             # now (for a client that reconnected meanwhile) would never be acknowledged and we
             # would wait out the whole lease. The launcher drops its client sockets as it exits.
             return
-        if channel not in P.IPC_PORTS or self.state not in (AgentState.STARTING, AgentState.READY):
+        port = P.forward_port(channel)
+        if (channel not in P.IPC_PORTS and port is None) or self.state not in (AgentState.STARTING, AgentState.READY):
             self.outbox.put(P.CLOSE, sid)
             return
         self.streams[sid] = Stream(sid, channel, None)
-        if self.state is AgentState.READY:
+        if self.state is AgentState.READY or port is not None:  # a forward needs no kernel socket
             self._connect_stream(self.streams[sid])
 
     def _connect_stream(self, stream: Stream) -> None:
+        port = P.forward_port(stream.channel)
+        if port is not None:
+            self._connect_forward(stream, port)
+            return
         sock = None
         try:  # EMFILE here too: more clients than descriptors
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -700,6 +713,49 @@ class Agent:
             return
         sock.setblocking(False)
         stream.sock = sock
+
+    def _connect_forward(self, stream: Stream, port: int) -> None:
+        """A forwarded port: TCP to 127.0.0.1:<port> here, without ever waiting in the loop (the
+        connect completes when the socket turns writable: _forward_connected)."""
+        sock = None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests: no Nagle wait
+            code = sock.connect_ex(("127.0.0.1", port))
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        if sock is not None and code in (0, errno.EINPROGRESS):
+            stream.sock, stream.connecting = sock, code != 0
+            return
+        if sock is not None:
+            sock.close()
+        self._forward_refused(stream, port, code)
+
+    def _forward_connected(self, stream: Stream, sock: socket.socket) -> None:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            sock.close()
+            stream.sock = None
+            self._forward_refused(stream, P.forward_port(stream.channel) or 0, code)
+            return
+        stream.connecting = False
+        self.refused_ports.discard(stream.channel)
+        if stream.outbuf:
+            self._send_to_kernel(stream, sock)
+
+    def _forward_refused(self, stream: Stream, port: int, code: int) -> None:
+        """The launcher's client is closed; said once until that port answers again (a browser
+        retries every few seconds)."""
+        self._drop_stream(stream, tell_peer=True)
+        if stream.channel in self.refused_ports:
+            return
+        self.refused_ports.add(stream.channel)
+        if code == errno.ECONNREFUSED:
+            self._log("nothing listens on remote port %d (127.0.0.1:%d on this host): closed the forwarded "
+                      "connection" % (port, port))
+        else:
+            self._log("cannot connect to remote port %d: %s" % (port, os.strerror(code)))
 
     def _stream_by_sock(self, sock: socket.socket) -> Optional[Stream]:
         for stream in self.streams.values():
@@ -728,10 +784,14 @@ class Agent:
 
     def _write_stream(self, sock: socket.socket) -> None:
         stream = self._stream_by_sock(sock)
-        if stream is not None:
+        if stream is not None and stream.connecting:
+            self._forward_connected(stream, sock)
+        elif stream is not None:
             self._send_to_kernel(stream, sock)
 
     def _send_to_kernel(self, stream: Stream, sock: socket.socket) -> None:
+        if stream.connecting:
+            return
         try:
             sent = sock.send(stream.outbuf)
         except BlockingIOError:
@@ -740,6 +800,9 @@ class Agent:
             self._drop_stream(stream, tell_peer=True)
             return
         del stream.outbuf[:sent]
+        if stream.closing and not stream.outbuf:
+            self._drop_stream(stream, tell_peer=False)
+            return
         if stream.we_paused and stream.resume_due():
             self.outbox.put(P.RESUME, stream.sid)
 
@@ -842,7 +905,9 @@ class Agent:
             self._open_stream(sid, payload.decode())
         elif kind == P.CLOSE:
             stream = self.streams.get(sid)
-            if stream is not None:
+            if stream is not None and stream.outbuf and stream.sock is not None:
+                stream.closing = True  # what the client sent before it closed still goes through
+            elif stream is not None:
                 self._drop_stream(stream, tell_peer=False)
         elif kind in (P.PAUSE, P.RESUME):
             stream = self.streams.get(sid)
