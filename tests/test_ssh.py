@@ -21,6 +21,7 @@ from sshd import SSHServer, generate_key
 from remote_kernel import ssh
 from remote_kernel.entry import HostEntry
 from remote_kernel.errors import ConfigError, HostKeyError, SSHError
+from remote_kernel.service import prompts as service_prompts
 
 FOREIGN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 
@@ -283,8 +284,8 @@ def test_an_encrypted_key_on_a_terminal_asks_for_its_passphrase(
         prompts.append(prompt)
         return answers[len(prompts) - 1]
 
-    monkeypatch.setattr(ssh, "_stdin_is_tty", lambda: True)
-    monkeypatch.setattr(ssh.getpass, "getpass", fake_getpass)
+    monkeypatch.setattr(service_prompts, "stdin_is_a_terminal", lambda: True)
+    monkeypatch.setattr(service_prompts.getpass, "getpass", fake_getpass)
     entry = sshd.host_entry(identity_file=str(key))
     with caplog.at_level(logging.DEBUG):
         if works:

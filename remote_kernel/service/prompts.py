@@ -1,6 +1,6 @@
 """Who answers authentication's questions (ssh.Prompter): a terminal, SSH_ASKPASS, or nobody.
 
-Standard library only; ssh.py asks ``default_prompter()`` when no prompter was injected (the
+Standard library only; ssh/auth.py asks ``default_prompter()`` when no prompter was injected (the
 per-user service injects its own: the `login` terminal, or "nobody yet, run login"). Answers are
 secrets: they are returned, never logged or stored.
 """
@@ -75,10 +75,17 @@ def askpass_program(env: Mapping[str, str], *, terminal: bool) -> str | None:
     return program if display and not terminal else None
 
 
-def default_prompter(*, terminal: bool) -> TerminalPrompter | AskpassPrompter | None:
+def stdin_is_a_terminal() -> bool:
+    """Can a person answer here? (OpenSSH asks when stdin is a TTY.)"""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def default_prompter(*, terminal: bool | None = None) -> TerminalPrompter | AskpassPrompter | None:
     """What an in-process connection asks: SSH_ASKPASS when OpenSSH would use it, else the
-    terminal when there is one (``terminal``: stdin is a TTY), else nobody (the error then says
-    what to run)."""
+    terminal when there is one (``terminal``: stdin is a TTY, by default looked up here), else
+    nobody (the error then says what to run)."""
+    if terminal is None:
+        terminal = stdin_is_a_terminal()
     program = askpass_program(os.environ, terminal=terminal)
     if program is not None:
         return AskpassPrompter(program)
