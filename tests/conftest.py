@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/sshd.py is a helper module, not a package
 
+from slurm import SlurmCluster, require_slurm
 from sshd import SSHD_BIN, SSHServer, sshd_available
 
 _UNSET = (
@@ -198,3 +199,30 @@ def python_without_ipykernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = venv / "bin" / "python"
     assert not _has_ipykernel(python), f"{python} unexpectedly has ipykernel"
     return python
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One single-node Slurm cluster (tests/slurm.py) for the whole session, whichever modules use
+    it (defined here, not imported into each module: an imported session fixture is one per module),
+    stopped by PID at its end."""
+    require_slurm()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        pytest.fail(f"cannot start the test Slurm cluster: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.cancel_ours()
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The session's cluster with no job of ours left over from another test."""
+    slurm_cluster.cancel_ours()
+    yield slurm_cluster
+    slurm_cluster.cancel_ours()

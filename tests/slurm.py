@@ -7,7 +7,7 @@ to loopback only: ``CommunicationParameters=NoInAddrAny,NoCtldInAddrAny`` and ``
 socket of its own (``AuthInfo=socket=...``), so the machine's /run/munge is never touched; the
 ports are free ones. Sessions of the test sshd find the cluster through ``SetEnv SLURM_CONF=...``
 (``sshd_config_lines``). Root only (slurmd must be); under CI=1 a missing piece fails the test
-instead of skipping it.
+instead of skipping it. The fixtures (`slurm_cluster`, one per session, and `slurm`) are in conftest.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,27 +240,3 @@ class SlurmCluster:
             time.sleep(0.3)
         raise RuntimeError(f"the Slurm node is {state or 'not reported'} after {UP_TIMEOUT:g} s:\n" + self.log_tail())
 
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """One single-node cluster for the session (stopped by PID at its end)."""
-    require_slurm()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        cluster.stop()
-        pytest.fail(f"cannot start the test Slurm cluster: {exc}", pytrace=False)
-    try:
-        yield cluster
-    finally:
-        cluster.cancel_ours()
-        cluster.stop()
-
-
-@pytest.fixture
-def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
-    """The session's cluster with no job of ours left over from another test."""
-    slurm_cluster.cancel_ours()
-    yield slurm_cluster
-    slurm_cluster.cancel_ours()

@@ -19,7 +19,7 @@ from jupyter_client.manager import KernelManager
 sys.path.insert(0, str(Path(__file__).parent))
 
 from launch_helpers import execute, kernel_entry, started_kernel, wait_until, write_spec
-from slurm import SlurmCluster, slurm, slurm_cluster  # noqa: F401 - fixtures
+from slurm import SlurmCluster
 from sshd import SSHServer
 
 from remote_kernel.entry import KernelEntry, SlurmSettings
@@ -41,13 +41,13 @@ def our_job(cluster: SlurmCluster, name: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def login(slurm: SlurmCluster, sshd_factory: object) -> SSHServer:  # noqa: F811 - the fixture
+def login(slurm: SlurmCluster, sshd_factory: object) -> SSHServer:
     """The "login node": a test sshd whose sessions reach the cluster."""
     return sshd_factory(extra_config=slurm.sshd_config_lines())  # type: ignore[operator, no-any-return]
 
 
 def test_a_kernel_runs_in_a_job_interrupts_restarts_in_it_and_its_shutdown_ends_the_job(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path) -> None:
     entry = slurm_entry(login, remote_python, "slurmy")
     write_spec(entry)
     with started_kernel("slurmy", ready_timeout=JOB_TIMEOUT) as (km, kc):
@@ -104,7 +104,7 @@ def client_of(kernel: RemoteKernel) -> BlockingKernelClient:
 
 
 def test_a_job_cancelled_from_outside_ends_the_launcher_naming_the_job_and_its_state(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:
     kernel = ready_kernel(slurm_entry(login, remote_python, "cancelled"), tmp_path / "kernel.json")
     try:
         job = our_job(slurm, "cancelled")
@@ -118,7 +118,7 @@ def test_a_job_cancelled_from_outside_ends_the_launcher_naming_the_job_and_its_s
 
 
 def test_a_pending_job_is_logged_with_its_reason_and_the_kernel_starts_when_the_job_does(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path,  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="remote_kernel.progress")
     entry = slurm_entry(login, remote_python, "held", extra_args=("--begin=now+20",))
@@ -136,7 +136,7 @@ def test_a_pending_job_is_logged_with_its_reason_and_the_kernel_starts_when_the_
 
 
 def test_a_shutdown_while_the_job_is_pending_cancels_it_at_once(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:
     entry = slurm_entry(login, remote_python, "never", extra_args=("--begin=now+600",))
     kernel = RemoteKernel(entry, tmp_path / "kernel.json")
     kernel.start()
@@ -152,7 +152,7 @@ def test_a_shutdown_while_the_job_is_pending_cancels_it_at_once(
 
 
 def test_an_ssh_drop_is_reattached_through_a_new_srun_step_and_the_kernel_keeps_its_state(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:
     kernel = ready_kernel(slurm_entry(login, remote_python, "dropped"), tmp_path / "kernel.json")
     try:
         kc = client_of(kernel)
@@ -167,7 +167,7 @@ def test_an_ssh_drop_is_reattached_through_a_new_srun_step_and_the_kernel_keeps_
 
 
 def test_a_killed_launcher_leaves_a_job_that_ends_after_the_lease(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path, tmp_path: Path) -> None:
     entry = slurm_entry(login, remote_python, "orphan")
     write_spec(dataclasses.replace(entry, reconnect_grace=5.0))
     km = KernelManager(kernel_name="orphan")
@@ -188,7 +188,7 @@ def test_a_killed_launcher_leaves_a_job_that_ends_after_the_lease(
 
 
 def test_a_job_that_reaches_its_time_limit_is_named_timeout_and_the_restart_submits_no_new_job(
-        slurm: SlurmCluster, login: SSHServer, remote_python: Path) -> None:  # noqa: F811
+        slurm: SlurmCluster, login: SSHServer, remote_python: Path) -> None:
     entry = slurm_entry(login, remote_python, "brief", time="0:01:00")
     write_spec(entry)
     km = KernelManager(kernel_name="brief")

@@ -10,13 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from slurm import SlurmCluster, slurm, slurm_cluster  # noqa: F401 - fixtures
+from slurm import SlurmCluster
 
 from remote_kernel import bootstrap, ssh
 
 
 def test_a_session_of_the_test_sshd_submits_a_job_that_runs_and_is_cancelled(
-        slurm: SlurmCluster, sshd_factory: pytest.FixtureRequest) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, sshd_factory: pytest.FixtureRequest) -> None:
     server = sshd_factory(extra_config=slurm.sshd_config_lines())  # type: ignore[operator]
     conn = ssh.connect(server.host_entry(name="login"))
     try:
