@@ -34,6 +34,9 @@ COMMANDS: dict[str, str] = {
     "login": "login_cmd",
     "logout": "logout_cmd",
     "service": "service_cmd",
+    "attach": "attach_cmd",
+    "stop": "stop_cmd",
+    "interrupt": "interrupt_cmd",
 }
 # The v1.1 form `python -m remote_kernel -t host ...` runs this hidden command.
 ADHOC_COMMAND = "run-target"

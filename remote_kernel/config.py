@@ -150,6 +150,9 @@ class KernelSettings(BaseModel):
         '(e.g. "$XDG_RUNTIME_DIR" or "/scratch/$USER"; default: $TMPDIR or /tmp)')
     output_backlog: _Bytes | None = _described(
         'a size greater than 0: bytes, or a string like "64MiB", "512MB", "1GiB"')
+    detached_lease: _Seconds | None = _described(
+        'a duration greater than 0 (how long a detached kernel waits with nobody attached): seconds, or a '
+        'string like "12h", "3d"')
     launcher: _Launcher | None = _described(
         f"one of {', '.join(map(json.dumps, LAUNCHERS))} (how Jupyter starts the kernel)")
     forward: list[_ForwardItem] | None = _described(

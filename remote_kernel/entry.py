@@ -31,6 +31,7 @@ DEFAULT_STARTUP_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_RECONNECT_GRACE = 300.0
 DEFAULT_OUTPUT_BACKLOG = 64 * 1024 * 1024
+DEFAULT_DETACHED_LEASE = 3 * 86400.0  # seconds: three days (a weekend)
 HOST_KEY_POLICIES = ("strict", "accept-new")
 INTERRUPT_MODES = ("message", "signal")
 # How Jupyter launches the kernel: argv (`python -m remote_kernel from-spec`, works with every
@@ -142,6 +143,7 @@ class KernelEntry(Record):
     reconnect_grace: float = DEFAULT_RECONNECT_GRACE
     runtime_dir: str | None = None
     output_backlog: int = DEFAULT_OUTPUT_BACKLOG
+    detached_lease: float = DEFAULT_DETACHED_LEASE  # `start --detach`: the remote keeps it this long unattended
     launcher: str = "argv"
     slurm: SlurmSettings | None = None  # set: the kernel runs in a Slurm job
     forward: tuple[str, ...] = ()  # remote ports reached locally: "REMOTE" or "REMOTE:LOCAL" (forward.py)

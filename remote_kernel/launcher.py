@@ -76,6 +76,21 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 
+@dataclass(frozen=True)
+class Adoption:
+    """A running remote kernel to take over instead of starting one: where its agent is, the
+    token that proves it is ours, and (when its connection file may be gone: a detached kernel
+    after a reboot) the connection it was served on. Its ports are bound again where free."""
+
+    locator: Locator
+    token: str
+    info: connection.ConnectionInfo | None = None
+
+
+class KernelGoneError(AgentGoneError):
+    """The kernel to take over is no longer there (its lease ended, or it exited)."""
+
+
 @dataclass
 class _State:
     phase: Phase = Phase.STARTING
@@ -102,8 +117,10 @@ class Launcher:
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
                  announce: Callable[[Path, KernelEntry], None] | None = None,
-                 runtime_dir: Path | None = None, connector: Connector | None = None) -> None:
+                 runtime_dir: Path | None = None, connector: Connector | None = None,
+                 adopt: Adoption | None = None) -> None:
         self.entry = entry
+        self.adoption = adopt
         self.connector: Connector = connector or DirectConnector()
         self.backend: Backend = backend_for(entry)
         self.locator: Locator | None = None
@@ -112,14 +129,19 @@ class Launcher:
         self.runtime_dir = runtime_dir
         self.events: queue.Queue[Event] = queue.Queue()
         self.state = _State()
-        self.token = secrets.token_hex(32)
+        self.token = adopt.token if adopt is not None else secrets.token_hex(32)
+        if adopt is not None:
+            self.locator = adopt.locator
         self.connection_path: Path | None = None
         self.created_connection_file = False
+        self.rebound = False  # a take-over found its old ports taken and serves new ones
         self.tunnel: Tunnel | None = None
         self.forwards: list[Forward] = []  # served while the kernel runs (forward.py)
         self.ssh: Any = None
         self.started = time.monotonic()
         self._stop_signal = threading.Event()
+        self._release_signal = threading.Event()
+        self.released = False  # let go of the kernel (release): it lives on remote under its lease
 
     # ------------------------------------------------------------------------------ top level
 
@@ -137,7 +159,10 @@ class Launcher:
         try:
             self._arm_startup()
             self._prepare_local_side()
-            self._start_remote()
+            if self.adoption is not None:
+                self._adopt_remote()
+            else:
+                self._start_remote()
             return self._loop()
         finally:
             self._cleanup()
@@ -149,6 +174,11 @@ class Launcher:
     def send_signal(self, signum: int) -> None:
         """Deliver ``signum`` to the remote kernel's process group (the agent allows INT, TERM,
         KILL, QUIT, USR1, USR2)."""
+        if signum == signal.SIGINT and self.backend.queued:
+            # No kernel yet, only a job in the queue: an interrupt (Ctrl-C) means "stop waiting".
+            self.backend.cancel("Ctrl-C")
+            self.request_stop("interrupted while the job waited in the queue")
+            return
         if self.tunnel is not None:
             log.info("relaying %s to the remote kernel", signal.Signals(signum).name)
             self.tunnel.send_signal(signum)
@@ -159,6 +189,12 @@ class Launcher:
         self._stop_signal.set()
         self.backend.cancel()  # a start waiting in a batch queue gives up (scancel) at once
 
+    def release(self) -> None:
+        """Stop serving the kernel here and leave it running remote: its agent keeps it for its
+        lease (reconnect_grace) for someone to take over (a detached kernel when the service
+        stops). The connection file stays."""
+        self._release_signal.set()
+
     def _arm_startup(self) -> None:
         """startup_timeout bounds the whole start: connecting, setup lines, kernel start."""
         self.state.setup_done = not self.entry.setup
@@ -166,7 +202,9 @@ class Launcher:
 
     def _prepare_local_side(self) -> None:
         path = self.requested_file
-        if path is not None and path.exists():
+        if self.adoption is not None:
+            path, info, listeners = self._rebind(path, self.adoption)
+        elif path is not None and path.exists():
             info = connection.read_connection_file(path)
             listeners = connection.bind_listeners(info.ports)
         else:
@@ -184,6 +222,31 @@ class Launcher:
         self.tunnel = Tunnel(listeners, self.events, ping_interval=ping)
         self._open_forwards()
         log.debug("serving %s on 127.0.0.1 ports %s", path, ",".join(str(p) for p in info.ports.values()))
+
+    def _rebind(self, path: Path | None, adoption: Adoption) -> tuple[Path, connection.ConnectionInfo, Any]:
+        """The ports a kernel was served on, bound again so its clients reconnect by themselves;
+        new ports (same key: the remote kernel's) and a rewritten connection file where taken."""
+        if path is not None and path.exists():
+            info = connection.read_connection_file(path)
+        elif adoption.info is not None:
+            info = adoption.info
+        else:
+            raise LaunchError(f"cannot take over kernel {self.entry.name!r}: its connection file {path} is gone")
+        path = path or self._default_connection_path()
+        try:
+            listeners = connection.bind_listeners(info.ports)
+        except LaunchError as exc:
+            listeners = connection.bind_listeners(None)
+            ports = {channel: sock.getsockname()[1] for channel, sock in listeners.items()}
+            log.warning("%s: serving kernel %s on new ports %s; rewrote %s (clients must reconnect with it)",
+                        exc.message, self.entry.name, ",".join(map(str, ports.values())), path)
+            info = connection.ConnectionInfo(ports=ports, key=info.key, signature_scheme=info.signature_scheme)
+            connection.write_connection_file(path, info, self.entry.name)
+            self.rebound = True
+            return path, info, listeners
+        if not path.exists():
+            connection.write_connection_file(path, info, self.entry.name)
+        return path, info, listeners
 
     def forward(self, remote: int, local: int | None = None) -> Forward:
         """Serve 127.0.0.1:``local`` (default: the same number; a free port when it is taken) reaching
@@ -256,6 +319,16 @@ class Launcher:
         else:
             progress.info("starting the kernel (%s)", self.entry.python)
 
+    def _adopt_remote(self) -> None:
+        """Take over a kernel whose local end died: a fresh attach (both sequences start again;
+        the old streams end), then the agent's HELLO says what state the kernel is in."""
+        assert self.locator is not None  # noqa: S101 - set from the adoption
+        progress.info("taking over kernel %s on %s", self.entry.name, self.entry.host.label)
+        channel = self.backend.attach(self._connect(start=True), self.entry, self.locator)
+        channel.set_blocking(False)
+        self._tunnel.attach(channel, hello={"token": self.token, "fresh": True})
+        self._tunnel.start()
+
     def _attach_remote(self) -> None:
         if self.locator is None:
             raise RuntimeError("reattach before the kernel was ready")  # a bug: the phase forbids it
@@ -281,6 +354,11 @@ class Launcher:
     def _tick(self) -> int | None:
         now = time.monotonic()
         state = self.state
+        if self._release_signal.is_set() and state.phase is not Phase.STOPPING:
+            log.info("letting go of kernel %s: it stays on %s for %g s (its lease) to be attached again",
+                     self.entry.name, self.entry.host.label, self.entry.reconnect_grace)
+            self.released = True
+            return EXIT_OK
         if self._stop_signal.is_set() and state.phase is not Phase.STOPPING:
             self._begin_shutdown(now)
         if state.phase is Phase.STOPPING and now > state.shutdown_deadline:
@@ -361,7 +439,9 @@ class Launcher:
 
     def _on_ready(self, event: Ready) -> None:
         data = event.data
-        self.locator = self.backend.locator(self.entry, data)
+        if self.adoption is None:
+            self.locator = self.backend.locator(self.entry, data)
+        assert self.locator is not None  # noqa: S101
         self.state.remote_dir = self.locator.dir
         self.state.kernel_pid = data.get("kernel_pid")
         self._enter(Phase.RUNNING)
@@ -428,8 +508,11 @@ class Launcher:
                 self._handle(event)
 
     def _on_attached(self, event: Attached) -> None:
-        lost_for = time.monotonic() - self.state.lost_at
         hello = event.data if isinstance(event.data, dict) else {}
+        if self.state.phase is Phase.STARTING:  # a take-over: the agent says where its kernel is
+            self._on_taken_over(hello)
+            return
+        lost_for = time.monotonic() - self.state.lost_at
         # The agent held the kernel's output in its backlog (output_backlog); what did not fit
         # was dropped whole messages at a time, and counted: it shows a notice where the gap is.
         dropped, lines = int(hello.get("dropped_messages") or 0), int(hello.get("dropped_lines") or 0)
@@ -443,6 +526,14 @@ class Launcher:
         self.state.link_down = False
         self.state.attempt = 0
         self._enter(Phase.RUNNING)  # not while stopping: the queued shutdown goes out now
+
+    def _on_taken_over(self, hello: dict[str, Any]) -> None:
+        state = str(hello.get("state"))
+        if state == "ready":
+            self._on_ready(Ready({key: hello.get(key) for key in ("kernel_pid", "agent_pid", "dir", "python")}))
+        elif state == "starting":
+            progress.info("the kernel is still starting; waiting for it")  # its READY follows
+        # exiting / exited: the agent's EXITED follows, and _on_exited says so
 
     def _on_crashed(self, event: Crashed) -> int:
         from remote_kernel.protocol import ProtocolError
@@ -465,6 +556,10 @@ class Launcher:
         self._await_agent_exit(AGENT_EXIT_WAIT)
         data = event.data
         self._forget_state_file()
+        if self.state.phase is Phase.STARTING and self.adoption is not None:
+            raise KernelGoneError(f"kernel {self.entry.name!r} on {self.entry.host.label} ended while nobody "
+                                  f"was attached: {data.get('reason')}",
+                                  stderr_tail=self._unshown_stderr(data.get("stderr_tail")))
         if self.state.phase is Phase.STARTING:
             reason = str(data.get("reason"))
             if data.get("code") == 0:
@@ -499,10 +594,15 @@ class Launcher:
     def _on_link_lost(self, event: LinkLost) -> int | None:
         status = _exit_status(event.uplink)
         state = self.state
+        if state.phase is Phase.STARTING and self.adoption is not None and status == ATTACH_EXIT_GONE:
+            raise KernelGoneError(f"kernel {self.entry.name!r} is no longer on {self.entry.host.label}: its lease "
+                                  "ended with nobody attached, or it exited",
+                                  hint="start it again; `remote-kernel gc` removes what is left of it")
         if state.phase is Phase.STARTING or state.remote_dir is None:
             self._take_stderr(event.uplink)
             self._drain_remote_output()
-            self.backend.check(self.ssh)  # a batch job that ended says so (state and reason)
+            if status != EXIT_JOB_FAILED:  # that one ends its job: its output says more than its state
+                self.backend.check(self.ssh)  # a batch job that ended says so (state and reason)
             self._raise_startup_failure(status)
         if status == ATTACH_EXIT_GONE or (state.phase is Phase.STOPPING and status == 0):
             self._forget_state_file()
@@ -543,6 +643,8 @@ class Launcher:
             reason = f"the working directory {self.entry.cwd!r} does not exist on the remote host"
         elif status == EXIT_NOT_FOUND:
             reason = f"the remote shell could not run {self.entry.python!r} (python)"
+        elif status == EXIT_JOB_FAILED:
+            reason = "its batch job's script failed before the kernel started (the end of its output below)"
         else:
             reason = "the remote side ended before the kernel started"
             if status is not None and status >= 0:
@@ -653,7 +755,7 @@ class Launcher:
         if self.ssh is not None:
             with contextlib.suppress(Exception):
                 self.connector.release(self.ssh)
-        if self.created_connection_file and self.connection_path is not None:
+        if self.created_connection_file and self.connection_path is not None and not self.released:
             with contextlib.suppress(OSError):
                 self.connection_path.unlink()
 
@@ -725,9 +827,10 @@ class RemoteKernel:
     come back from ``wait_ready`` (or ``error``), never as a signal or a process exit."""
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None = None, *,
-                 runtime_dir: Path | None = None) -> None:
+                 runtime_dir: Path | None = None, adopt: Adoption | None = None) -> None:
         self.entry = entry
-        self._launcher = Launcher(entry, connection_file, announce=self._announce, runtime_dir=runtime_dir)
+        self._launcher = Launcher(entry, connection_file, announce=self._announce, runtime_dir=runtime_dir,
+                                  adopt=adopt)
         self._ready = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -783,6 +886,40 @@ class RemoteKernel:
         """Stop at once: SIGKILL to the kernel's group, then the same clean-up as terminate."""
         self._launcher.request_stop("kill requested")
         self._launcher.send_signal(signal.SIGKILL)
+
+    def release(self, timeout: float = 5.0) -> int | None:
+        """Stop serving it here and leave the remote kernel running under its lease (to be taken
+        over again with an Adoption); the connection file stays."""
+        if self._thread is not None and not self._done.is_set():
+            self._launcher.release()
+            self._done.wait(timeout)
+        return self.poll()
+
+    def clients(self) -> int:
+        """Jupyter clients connected to the kernel's local ports now."""
+        tunnel = self._launcher.tunnel
+        return tunnel.clients() if tunnel is not None else 0
+
+    @property
+    def released(self) -> bool:
+        return self._launcher.released
+
+    @property
+    def rebound(self) -> bool:
+        """A take-over found the old ports taken: the connection file was rewritten with new ones."""
+        return self._launcher.rebound
+
+    @property
+    def locator(self) -> Locator | None:
+        return self._launcher.locator
+
+    @property
+    def token(self) -> str:
+        return self._launcher.token
+
+    @property
+    def connection_info(self) -> connection.ConnectionInfo | None:
+        return getattr(self._launcher, "info", None)
 
     def close(self, timeout: float = SHUTDOWN_WAIT + 2.0) -> int | None:
         """Shut down (if running) and wait for the clean-up, bounded."""

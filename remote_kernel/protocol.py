@@ -226,6 +226,12 @@ class ReliableSender:
     def last_sent(self) -> int:
         return self.next_seq - 1
 
+    def restart(self) -> None:
+        """Forget everything sent: the next frame is seq 1 again (Link.rebase)."""
+        self.next_seq = 1
+        self._unacked.clear()
+        self.unacked_bytes = 0
+
 
 class ReliableReceiver:
     """Accepts sequenced frames exactly once and in order; tells when an ACK is due."""
@@ -254,6 +260,10 @@ class ReliableReceiver:
         self.acked = self.received
         self.bytes_since_ack = 0
         return encode(ACK, 0, self.received)
+
+    def restart(self) -> None:
+        """Forget everything received: the peer's next frame is seq 1 (Link.rebase)."""
+        self.received = self.acked = self.bytes_since_ack = 0
 
 
 def hello(fields: Dict[str, Any], received: int) -> bytes:
@@ -325,6 +335,25 @@ class Liveness:
     def restart(self, now: float) -> None:
         """A new connection: nothing heard on it yet, no PING in flight."""
         self.last_rx = now
+    def rebase(self) -> None:
+        """A new peer with no history (a launcher taking over after the old one died with its
+        state): both sequences start again at 1. Frames of the old streams are dropped (their
+        clients are gone); the link's own news (READY, LOG, EXITED: stream 0) is kept, in order,
+        to be sequenced again for the new peer."""
+        kept = [(kind, sid, payload) for kind, sid, _, payload in FrameDecoder().feed(
+            b"".join(self.sender.unacknowledged())) if sid == 0]
+        while True:
+            item = self.outbox.pop()
+            if item is None:
+                break
+            if item[1] == 0:
+                kept.append(item)
+        self.sender.restart()
+        self.receiver.restart()
+        self.decoder.reset()
+        for kind, sid, payload in kept:
+            self.outbox.put(kind, sid, payload)
+
         self.heard = False
         self.ping_sent = None
 

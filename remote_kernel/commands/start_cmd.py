@@ -22,6 +22,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("name", metavar="NAME", help="a [kernels.NAME] entry of the config file")
     add_connection_file_option(parser)
+    parser.add_argument("--detach", action="store_true",
+                        help="hand the kernel to the per-user service and return once it is ready: it outlives "
+                             "this terminal, Jupyter and (for its lease) the service and this machine; prints its "
+                             "id for `attach` and `stop`")
+    parser.add_argument("--lease", metavar="DURATION",
+                        help="with --detach: how long the remote host keeps the kernel while nothing is attached "
+                             "(seconds, or \"90m\", \"12h\", \"3d\"; default: the entry's detached_lease, 3d)")
 
 
 def add_connection_file_option(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +41,20 @@ def add_connection_file_option(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from remote_kernel.config import discover_config_path, load_config
+    from remote_kernel.errors import UsageError
 
     loaded = load_config(discover_config_path(args.config))
-    return launch(find_entry(loaded, args.name), args.connection_file, json_output=args.json)
+    entry = find_entry(loaded, args.name)
+    if args.detach:
+        from remote_kernel.commands.attach_cmd import start_detached
+
+        if args.connection_file is not None:
+            raise UsageError("--detach chooses its connection file (in Jupyter's external_kernels directory): "
+                             "leave out -f")
+        return start_detached(entry, args.lease, json_output=args.json)
+    if args.lease is not None:
+        raise UsageError("--lease goes with --detach", hint=f"remote-kernel start {entry.name} --detach --lease 12h")
+    return launch(entry, args.connection_file, json_output=args.json)
 
 
 def find_entry(loaded: LoadedConfig, name: str) -> KernelEntry:

@@ -993,8 +993,25 @@ class Agent:
 
     def _adopt_uplink(self, sock: socket.socket, acked: int, rest: bytes) -> None:
         if self.uplink_r is not None:
+        if fields.get("fresh"):
+            self._rebase()
+            acked = 0
             self._detach("a new launcher connection replaced the old one")
         self.uplink_sock = sock
+    def _rebase(self) -> None:
+        """A launcher that takes the kernel over (the old one died with its frame sequence: a
+        killed service, a reboot, `remote-kernel attach`): its clients are new, so the old
+        streams end here, and both sequences start again. What the kernel printed meanwhile on
+        the old streams is not replayed (a Jupyter client would not show it anyway)."""
+        if self.uplink_r is not None:
+            self._detach("a launcher took the kernel over")
+        for stream in list(self.streams.values()):
+            self._drop_stream(stream, tell_peer=False)
+        self.link.rebase()
+        self.wire.clear()
+        self.confirmed = True
+        self._log("a new launcher took the kernel over")
+
         self.uplink_r = self.uplink_w = sock.fileno()
         self.live.received(time.monotonic())
         if self.outage_since is not None:
@@ -1017,6 +1034,8 @@ class Agent:
             "dropped_lines": max([f.lines for f in framers] or [0]),
             "dropping": self._backlog() >= self.output_backlog,
             "output_backlog": self.output_backlog, "outage": self.outage_seconds,
+            "kernel_pid": self.kernel.pid if self.kernel is not None else None,
+            "agent_pid": os.getpid(), "python": sys.version.split()[0],
         }
 
     # ----------------------------------------------------------------------------- dropped output

@@ -22,6 +22,7 @@ from remote_kernel.service.wire import Channel, WireError, peer_uid
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
+OLD_SERVICE_WAIT = 5.0  # a take-over waits this long for the dead service's process to be gone
 START_TIMEOUT = 10.0  # the daemon imports the launcher stack (~0.3 s) before it listens
 
 
@@ -134,6 +135,42 @@ def raise_error(event: dict[str, Any]) -> None:
     raise error
 
 
+# ------------------------------------------------------------------------------ detached kernels
+
+
+def converse(op: str, **fields: Any) -> dict[str, Any]:
+    """A request whose answer may take a while (start, attach, stop a detached kernel): the
+    service's log lines meanwhile are logged here (progress on the terminal); its one answer is
+    returned, or raised when it is an error. Ctrl-C ends the conversation (the service stops a
+    kernel whose start nobody waits for any more)."""
+    from remote_kernel.service.prompts import askpass_env
+
+    channel = ensure()
+    try:
+        channel.send({"op": op, "askpass": askpass_env(os.environ), "level": _log_level(), **fields})
+        while True:
+            try:
+                event = channel.receive()
+            except WireError as exc:
+                raise ServiceUnavailable(f"the service answered nonsense: {exc}") from exc
+            if event is None:
+                where = paths.log_path(paths.runtime_dir())
+                raise ServiceUnavailable(f"the per-user service ended before it answered; see {where}")
+            if event.get("event") == "log":
+                _relog(event)
+                continue
+            if event.get("event") == "error":
+                raise_error(event)
+            return event
+    finally:
+        channel.close()
+
+
+def _relog(event: dict[str, Any]) -> None:
+    logging.getLogger(str(event.get("logger"))).log(
+        int(event.get("level") or logging.INFO), "%s", event.get("message"), extra={"final": bool(event.get("final"))})
+
+
 # ------------------------------------------------------------------------------ hosted kernels
 
 
@@ -153,6 +190,7 @@ class HostedLaunch:
         self.announce = announce
         self.channel: Channel | None = None
         self.ready: dict[str, Any] | None = None
+        self.took_over = False
 
     def run(self) -> int:
         from remote_kernel.launcher import STOP_SIGNALS
@@ -190,12 +228,12 @@ class HostedLaunch:
             except WireError:
                 event = None
             if event is None:
+                if self._take_over():
+                    continue
                 return self._service_gone()
             kind = event.get("event")
             if kind == "log":
-                logging.getLogger(str(event.get("logger"))).log(
-                    int(event.get("level") or logging.INFO), "%s", event.get("message"),
-                    extra={"final": bool(event.get("final"))})
+                _relog(event)
             elif kind == "ready":
                 self._on_ready(event)
             elif kind == "exit":
@@ -205,7 +243,32 @@ class HostedLaunch:
             elif kind == "error":
                 raise_error(event)
 
+    def _take_over(self) -> bool:
+        """The service died (SIGKILL, OOM) after the kernel was ready: ask a new one to take the
+        kernel over, on the same connection file and ports (the clients reconnect by themselves).
+        Once: if the new service dies too, the launcher ends with the error."""
+        adopt = self.ready.get("adopt") if self.ready is not None else None
+        if not isinstance(adopt, dict) or self.took_over or self.ready is None:
+            return False
+        self.took_over = True
+        log.warning("the per-user service serving kernel %s ended; a new service takes the kernel over",
+                    self.entry.name)
+        if self.channel is not None:
+            self.channel.close()
+        try:
+            _wait_until_gone(paths.private_dir(paths.runtime_dir()), OLD_SERVICE_WAIT)
+            self.channel = ensure()
+            request = {**self._request(), "connection_file": str(self.ready["connection_file"]), "adopt": adopt}
+            self.channel.send(request)
+        except ServiceUnavailable as exc:
+            log.warning("cannot take the kernel over: %s", exc.message)
+            return False
+        return True
+
     def _on_ready(self, event: dict[str, Any]) -> None:
+        if self.took_over:  # the kernel is served again by a new service
+            log.warning("kernel %s is served by the new per-user service; nothing was restarted", self.entry.name)
+            return
         self.ready = event
         log.info("the per-user service hosts kernel %s; %s its connection to %s", self.entry.name,
                  "reused" if event.get("reused") else "opened", self.entry.host.label)
@@ -227,6 +290,26 @@ class HostedLaunch:
             f"the per-user service serving kernel {self.entry.name!r} ended (see {where}); the remote kernel "
             f"on {self.entry.host.label} is stopped by its agent after reconnect_grace="
             f"{self.entry.reconnect_grace:g} s", hint="restart the kernel; it starts a new service")
+
+
+def _wait_until_gone(directory: Path, timeout: float) -> None:
+    """Until the dead service's process is gone: a killed process's listening socket can still
+    take a connection while its descriptors are being closed (its pid lock goes with it)."""
+    deadline = time.monotonic() + timeout
+    fd = os.open(paths.pid_path(directory), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(fd)
 
 
 def _log_level() -> int:

@@ -11,6 +11,7 @@ REMOTE_KERNEL_SERVICE_IDLE seconds (default 600) with no kernel, no connection a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import logging
@@ -22,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from remote_kernel import __version__
+from remote_kernel import __version__, detached
+from remote_kernel.backends import Locator
 from remote_kernel.entry import HostEntry, KernelEntry
 from remote_kernel.errors import RemoteKernelError
-from remote_kernel.launcher import RemoteKernel
+from remote_kernel.launcher import SHUTDOWN_WAIT, Adoption, KernelGoneError, RemoteKernel
 from remote_kernel.service import idle_limit, paths, prompts
 from remote_kernel.service.pool import AnswerNeeded, NobodyPrompter, Pool, ServiceConnector
 from remote_kernel.service.wire import Channel, WireError, same_user
@@ -34,17 +36,18 @@ log = logging.getLogger(__name__)
 
 UPKEEP_EVERY = 2.0
 LOGIN_TIMEOUT = 120.0  # a person finds their phone and types a code (sshd's LoginGraceTime is 120 s)
-_session = threading.local()  # .channel of the argv launcher a kernel's serving thread logs to
+_session = threading.local()  # .kernel: the HostedKernel a serving thread serves (its logs follow it)
 
 
 class _Forward(logging.Handler):
     """Log records of a hosted kernel's serving thread go to its argv launcher (which logs them
-    as if it had served the kernel itself: under Jupyter, in the server's log)."""
+    as if it had served the kernel itself: under Jupyter, in the server's log), or to the command
+    that started or attached a detached kernel until it has its answer."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        channel: Channel | None = getattr(_session, "channel", None)
-        level: int = getattr(_session, "level", logging.INFO)
-        if channel is None or record.levelno < level:
+        kernel: HostedKernel | None = getattr(_session, "kernel", None)
+        channel = kernel.channel if kernel is not None else None
+        if kernel is None or channel is None or record.levelno < kernel.level:
             return
         with contextlib.suppress(Exception):
             channel.send({"event": "log", "logger": record.name, "level": record.levelno,
@@ -56,17 +59,18 @@ class HostedKernel(RemoteKernel):
     logs to the argv launcher that asked for it."""
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *, runtime_dir: Path,
-                 connector: ServiceConnector, channel: Channel, level: int) -> None:
-        super().__init__(entry, connection_file, runtime_dir=runtime_dir)
+                 connector: ServiceConnector, channel: Channel, level: int, adopt: Adoption | None = None) -> None:
+        super().__init__(entry, connection_file, runtime_dir=runtime_dir, adopt=adopt)
         self._launcher.connector = connector  # the only change: the shared connection
-        self.channel, self.level = channel, level
+        self.channel: Channel | None = channel  # None: nobody listens (a detached kernel, once started)
+        self.level = level
 
     def _serve(self) -> None:
-        _session.channel, _session.level = self.channel, self.level
+        _session.kernel = self
         try:
             super()._serve()
         finally:
-            _session.channel = None
+            _session.kernel = None
 
 
 class Service:
@@ -160,7 +164,10 @@ class Service:
 
     def _shutdown(self, listener: socket.socket) -> None:
         with self._lock:
-            kernels = [k["kernel"] for k in self.kernels.values()]
+            kernels = [k["kernel"] for k in self.kernels.values() if not k.get("detached")]
+            detached = [k["kernel"] for k in self.kernels.values() if k.get("detached")]
+        for kernel in detached:  # they outlive the service: `attach` takes them over again
+            kernel.release()
         for kernel in kernels:
             kernel.terminate()
         for kernel in kernels:
@@ -199,7 +206,8 @@ class Service:
 
     def _op_status(self, channel: Channel, request: dict[str, Any]) -> None:
         with self._lock:
-            kernels = [{key: value for key, value in k.items() if key != "kernel"} for k in self.kernels.values()]
+            kernels = [{**{key: value for key, value in k.items() if key != "kernel"}, "clients": k["kernel"].clients()}
+                       for k in self.kernels.values()]
         channel.send({"event": "status", "pid": os.getpid(), "version": __version__, "since": self.since,
                       "socket": str(paths.socket_path(self.dir)), "connections": self.pool.describe(),
                       "kernels": kernels})
@@ -242,7 +250,20 @@ class Service:
             with self._lock:
                 self.kernels.pop(ident, None)
 
-    def _hosted(self, channel: Channel, request: dict[str, Any], entry: KernelEntry) -> HostedKernel:
+    def _op_detach(self, channel: Channel, request: dict[str, Any]) -> None:
+        DetachedKernels(self).detach(channel, request)
+
+    def _op_attach(self, channel: Channel, request: dict[str, Any]) -> None:
+        DetachedKernels(self).attach(channel, request)
+
+    def _op_stop_kernel(self, channel: Channel, request: dict[str, Any]) -> None:
+        DetachedKernels(self).stop(channel, request)
+
+    def _op_signal_kernel(self, channel: Channel, request: dict[str, Any]) -> None:
+        DetachedKernels(self).signal(channel, request)
+
+    def _hosted(self, channel: Channel, request: dict[str, Any], entry: KernelEntry,
+                adopt: Adoption | None = None) -> HostedKernel:
         env = request.get("askpass") or {}
         program = prompts.askpass_program(env, terminal=False)
         prompter = prompts.AskpassPrompter(program, env) if program else NobodyPrompter(entry.host)
@@ -254,7 +275,8 @@ class Service:
         connection_file = request.get("connection_file")
         return HostedKernel(entry, Path(connection_file) if connection_file else None,
                             runtime_dir=Path(request["runtime_dir"]), connector=connector, channel=channel,
-                            level=int(request.get("level") or logging.INFO))
+                            level=int(request.get("level") or logging.INFO),
+                            adopt=adopt if adopt is not None else _adoption(request.get("adopt")))
 
     def _report(self, channel: Channel, kernel: HostedKernel, ident: int) -> None:
         try:
@@ -267,7 +289,8 @@ class Service:
             with self._lock:
                 if ident in self.kernels:
                     self.kernels[ident]["connection_file"] = str(kernel.connection_file)
-            channel.send({"event": "ready", "connection_file": str(kernel.connection_file), "reused": reused})
+            channel.send({"event": "ready", "connection_file": str(kernel.connection_file), "reused": reused,
+                          "adopt": _takeover_record(kernel)})
         code = kernel.wait()
         error = kernel.error
         channel.send({**(_error_event(error) if error is not None else {}), "event": "exit", "code": code})
@@ -291,6 +314,155 @@ class RelayPrompter:
             return None
         text: str = reply["text"]
         return text
+
+
+class DetachedKernels:
+    """The service's side of detached kernels (issue 15): start one nobody's process owns, take one
+    over from its record (after the service or the machine went down), stop one. Each answers the
+    asking command once the kernel is ready (its progress goes to that command until then); the
+    kernel then stays in the service, and on its host for its lease once the service is gone."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def detach(self, channel: Channel, request: dict[str, Any]) -> None:
+        entry = KernelEntry.from_dict(request["entry"])
+        lease = float(request.get("lease") or entry.detached_lease)
+        # The agent keeps a kernel with no launcher attached for reconnect_grace: for a detached
+        # kernel that is its lease (and the service keeps reconnecting that long after a drop).
+        entry = dataclasses.replace(entry, reconnect_grace=lease)
+        kernel_id = detached.new_id()
+        path = detached.connection_path(kernel_id, entry.name)
+        kernel = self.service._hosted(channel, {**request, "connection_file": str(path)}, entry)
+        self._host(channel, kernel, kernel_id, lease, started=time.time())
+
+    def attach(self, channel: Channel, request: dict[str, Any]) -> None:
+        record = self._record(channel, request)
+        if record is None:
+            return
+        if self._hosted(record.id) is not None:
+            channel.send({"event": "ready", "id": record.id, "name": record.name, "host": record.host,
+                          "connection_file": record.connection_file, "already": True, "rebound": False})
+            return
+        kernel = self._adopt(channel, request, record)
+        self._host(channel, kernel, record.id, record.lease, started=record.started, record=record)
+
+    def stop(self, channel: Channel, request: dict[str, Any]) -> None:
+        record = self._record(channel, request)
+        if record is None:
+            return
+        kernel = self._hosted(record.id)
+        if kernel is None:  # not served here (the service or the machine restarted): take it over first
+            kernel = self._adopt(channel, request, record)
+            kernel.start()
+            try:
+                kernel.wait_ready(timeout=record.kernel_entry().startup_timeout + 30.0)
+            except RemoteKernelError as exc:
+                gone = isinstance(exc, KernelGoneError)
+                if gone:
+                    detached.forget(record)
+                channel.send({"event": "done", "id": record.id, "gone": True} if gone else _error_event(exc))
+                return
+        kernel.terminate()
+        code = kernel.wait(SHUTDOWN_WAIT + 5.0)
+        detached.forget(record)
+        channel.send({"event": "done", "id": record.id, "name": record.name, "code": code, "gone": False})
+
+    def signal(self, channel: Channel, request: dict[str, Any]) -> None:
+        record = self._record(channel, request)
+        if record is None:
+            return
+        kernel = self._hosted(record.id)
+        if kernel is None:
+            channel.send(_error_event(RemoteKernelError(
+                f"kernel {record.id} ({record.name}) is not attached", hint=f"remote-kernel attach {record.id}")))
+            return
+        kernel.send_signal(int(request.get("signum") or signal.SIGINT))
+        channel.send({"event": "done", "id": record.id, "name": record.name})
+
+    def _record(self, channel: Channel, request: dict[str, Any]) -> detached.DetachedRecord | None:
+        try:
+            return detached.find(str(request.get("kernel")))
+        except RemoteKernelError as exc:
+            channel.send(_error_event(exc))
+            return None
+
+    def _hosted(self, kernel_id: str) -> HostedKernel | None:
+        with self.service._lock:
+            for hosted in self.service.kernels.values():
+                if hosted.get("kernel_id") == kernel_id:
+                    kernel: HostedKernel = hosted["kernel"]
+                    return kernel
+        return None
+
+    def _adopt(self, channel: Channel, request: dict[str, Any], record: detached.DetachedRecord) -> HostedKernel:
+        adopt = Adoption(record.where(), record.token, record.connection())
+        return self.service._hosted(channel, {**request, "connection_file": record.connection_file},
+                                    record.kernel_entry(), adopt)
+
+    def _host(self, channel: Channel, kernel: HostedKernel, kernel_id: str, lease: float, *, started: float,
+              record: detached.DetachedRecord | None = None) -> None:
+        ident = next(self.service._ids)
+        entry = kernel.entry
+        with self.service._lock:
+            self.service.kernels[ident] = {"id": ident, "kernel": kernel, "name": entry.name, "host": entry.host.name,
+                                           "label": entry.host.label, "since": started, "launcher_pid": None,
+                                           "connection_file": None, "detached": True, "kernel_id": kernel_id}
+        kernel.start()
+        ready = threading.Event()
+        threading.Thread(target=_stop_if_asker_leaves, args=(channel, kernel, ready), daemon=True).start()
+        try:
+            kernel.wait_ready(timeout=365 * 86400.0)  # bounded by startup_timeout inside
+        except RemoteKernelError as exc:
+            with self.service._lock:
+                self.service.kernels.pop(ident, None)
+            if record is not None and isinstance(exc, KernelGoneError):
+                detached.forget(record)
+            channel.send(_error_event(exc))
+            return
+        ready.set()
+        record = self._save(kernel, kernel_id, lease, started)
+        with self.service._lock:
+            self.service.kernels[ident]["connection_file"] = record.connection_file
+        kernel.channel = None  # its later log lines go to the service's log only
+        channel.send({"event": "ready", "id": kernel_id, "name": entry.name, "host": entry.host.label,
+                      "connection_file": record.connection_file, "rebound": kernel.rebound, "already": False,
+                      "lease": lease})
+        threading.Thread(target=self._watch, args=(ident, kernel, record), name="rk-detached", daemon=True).start()
+
+    def _save(self, kernel: HostedKernel, kernel_id: str, lease: float, started: float) -> detached.DetachedRecord:
+        info, locator = kernel.connection_info, kernel.locator
+        if info is None or locator is None:
+            raise RuntimeError("a ready kernel has a connection and a locator")  # a bug, not a user error
+        record = detached.DetachedRecord(
+            id=kernel_id, name=kernel.entry.name, host=kernel.entry.host.label, entry=kernel.entry.to_dict(),
+            locator=locator.to_dict(), token=kernel.token, connection_file=str(kernel.connection_file),
+            ports=dict(info.ports), key=info.key, signature_scheme=info.signature_scheme, lease=lease,
+            started=started)
+        detached.save(record)
+        return record
+
+    def _watch(self, ident: int, kernel: HostedKernel, record: detached.DetachedRecord) -> None:
+        code = kernel.wait()
+        with self.service._lock:
+            self.service.kernels.pop(ident, None)
+        if kernel.released:
+            return  # the service stops; the kernel waits on its host to be attached again
+        detached.forget(record)
+        error = kernel.error
+        log.info("detached kernel %s (%s) ended: %s", record.id, record.name,
+                 error.message if error is not None else f"exit code {code}")
+
+
+def _stop_if_asker_leaves(channel: Channel, kernel: HostedKernel, ready: threading.Event) -> None:
+    """A `start --detach` or `attach` interrupted before the kernel was ready: do not leave a
+    kernel nobody knows about."""
+    with contextlib.suppress(WireError):
+        while channel.receive() is not None:
+            pass
+    if not ready.is_set() and kernel.poll() is None:
+        log.info("the command that asked for kernel %s went away before it was ready: stopping it", kernel.entry.name)
+        kernel.terminate()
 
 
 def _relay_control(channel: Channel, kernel: HostedKernel) -> None:
@@ -332,6 +504,25 @@ def _setup_logging(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def _takeover_record(kernel: HostedKernel) -> dict[str, Any] | None:
+    """What the argv launcher keeps (in memory only) to have a new service take the kernel over
+    if this one dies: where the agent is and its token. It travels on the 0600, same-uid socket."""
+    locator = kernel.locator
+    if locator is None:
+        return None
+    return {"host": locator.host, "dir": locator.dir, "token": kernel.token, "job_id": locator.job_id,
+            "job_dir": locator.job_dir}
+
+
+def _adoption(data: Any) -> Adoption | None:
+    """A ``serve`` request's ``adopt``: the restart record of a kernel whose service died."""
+    if not isinstance(data, dict):
+        return None
+    locator = Locator(kind="slurm" if data.get("job_id") else "ssh", host=str(data["host"]), dir=str(data["dir"]),
+                      job_id=data.get("job_id"), job_dir=data.get("job_dir"))
+    return Adoption(locator=locator, token=str(data["token"]))
+
+
     level = logging.DEBUG if os.environ.get("REMOTE_KERNEL_SERVICE_DEBUG") else logging.INFO
     handler.setLevel(level)
     root = logging.getLogger()
