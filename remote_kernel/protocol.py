@@ -73,6 +73,10 @@ STREAM_HIGH_WATER = 8 * 1024 * 1024
 STREAM_LOW_WATER = 1024 * 1024
 UNACKED_LIMIT = 64 * 1024 * 1024
 ACK_EVERY_BYTES = 1024 * 1024
+# A forward's data (Outbox background) is sequenced only while less than this awaits ACK: what is
+# sequenced is on its way, and a reply of the kernel sequenced later waits behind all of it (in
+# the SSH window, 16 MiB). 2 MiB per round trip is 40 MB/s at 50 ms.
+BACKGROUND_IN_FLIGHT = 2 * 1024 * 1024
 ACK_EVERY_SECONDS = 0.2
 
 
@@ -175,11 +179,17 @@ class Outbox:
         self._priority: Deque[Tuple[int, int, bytes]] = collections.deque()
         self._bulk: Deque[Tuple[int, int, bytes]] = collections.deque()
         self.bulk_bytes = 0
+        # Forwarded ports' DATA and CLOSE (forward.py) go after the kernel's own: a 100 MB
+        # download through a dashboard's port must not hold up a reply on the shell channel.
+        self._background: Deque[Tuple[int, int, bytes]] = collections.deque()
+        self.background_bytes = 0
 
-    def put(self, kind: int, sid: int, payload: bytes = b"") -> None:
-        # A CLOSE waits behind queued data, which may be its stream's last bytes (an HTTP server
-        # answers and closes at once: a forward, forward.py).
-        if kind in PRIORITY_FRAMES and not (kind == CLOSE and self._bulk):
+    def put(self, kind: int, sid: int, payload: bytes = b"", background: bool = False) -> None:
+        if background and kind in (DATA, CLOSE):
+            self._background.append((kind, sid, payload))
+            self.background_bytes += len(payload)
+        # A CLOSE waits behind queued data, which may be its stream's last bytes.
+        elif kind in PRIORITY_FRAMES and not (kind == CLOSE and self._bulk):
             self._priority.append((kind, sid, payload))
         else:
             self._bulk.append((kind, sid, payload))
@@ -192,10 +202,18 @@ class Outbox:
             item = self._bulk.popleft()
             self.bulk_bytes -= len(item[2])
             return item
+        if self._background:
+            item = self._background.popleft()
+            self.background_bytes -= len(item[2])
+            return item
         return None
 
     def __len__(self) -> int:
-        return len(self._priority) + len(self._bulk)
+        return len(self._priority) + len(self._bulk) + len(self._background)
+
+    def only_background(self) -> bool:
+        """Nothing but forwarded ports' frames waits."""
+        return not self._priority and not self._bulk and bool(self._background)
 
 
 class ReliableSender:
@@ -283,13 +301,17 @@ class Link:
         self.decoder = FrameDecoder()
         self.last_ack = now
 
-    def may_read_sources(self, bulk_limit: int) -> bool:
-        """Whether to read clients (kernel sockets): bulk backs up in the outbox or awaits ACK."""
-        return self.outbox.bulk_bytes < bulk_limit and self.sender.unacked_bytes < UNACKED_LIMIT
+    def may_read_sources(self, bulk_limit: int, background: bool = False) -> bool:
+        """Whether to read clients (kernel sockets; with ``background``, forwarded ports'): their
+        data backs up in the outbox, or awaits ACK."""
+        queued = self.outbox.background_bytes if background else self.outbox.bulk_bytes
+        return queued < bulk_limit and self.sender.unacked_bytes < UNACKED_LIMIT
 
     def next_item(self) -> Optional[Tuple[int, int, bytes]]:
         """The next frame to sequence; bulk data waits while UNACKED_LIMIT bytes await ACK."""
-        if self.sender.unacked_bytes >= UNACKED_LIMIT and self.outbox.bulk_bytes:
+        if self.sender.unacked_bytes >= UNACKED_LIMIT and (self.outbox.bulk_bytes or self.outbox.background_bytes):
+            return None
+        if self.sender.unacked_bytes >= BACKGROUND_IN_FLIGHT and self.outbox.only_background():
             return None
         return self.outbox.pop()
 

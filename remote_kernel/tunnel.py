@@ -174,6 +174,7 @@ class ClientStream(P.StreamFlow):
         self.channel = channel
         self.sock = sock
         self.closing = False  # the agent closed it: close once ``outbuf`` reached the client
+        self.forward = P.forward_port(channel) is not None  # its data goes after the kernel's (Outbox)
 
 
 class Tunnel:
@@ -314,19 +315,19 @@ class Tunnel:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def _put(self, kind: int, sid: int, payload: bytes = b"") -> None:
+    def _put(self, kind: int, sid: int, payload: bytes = b"", background: bool = False) -> None:
         with self._lock:
-            self._outbox.put(kind, sid, payload)
+            self._outbox.put(kind, sid, payload, background)
             self._lock.notify_all()
 
-    def _put_data(self, sid: int, payload: bytes) -> None:
+    def _put_data(self, sid: int, payload: bytes, background: bool = False) -> None:
         """A client's bytes. When the writer thread is idle and the SSH window has room, the pump
         writes the frame itself after its round (``_send_direct``): handing it to the writer cost
         a thread wake-up per request (relay round trip ~300 -> ~270 us measured). Only the pump
         calls this: a signal handler sending on the channel could deadlock on paramiko's lock
         held by the code it interrupted."""
         with self._lock:
-            self._outbox.put(P.DATA, sid, payload)
+            self._outbox.put(P.DATA, sid, payload, background)
             claimed = self._claim_uplink(P.HEADER.size + len(payload))
             if claimed is None:
                 self._lock.notify_all()
@@ -348,7 +349,7 @@ class Tunnel:
             return None
         if not uplink.can_send_now(size) or self._sender.unacked_bytes >= P.UNACKED_LIMIT:
             return None
-        item = self._outbox.pop()
+        item = self._link.next_item()
         if item is None:
             return None
         self._sending = True
@@ -473,8 +474,10 @@ class Tunnel:
         if uplink is not None:
             wanted[uplink.fileno()] = (uplink, P.READABLE)
         may_read = self._link.may_read_sources(BULK_LIMIT)
+        may_read_forwards = self._link.may_read_sources(BULK_LIMIT, background=True)
         for stream in self._streams.values():
-            events = P.READABLE if may_read and not stream.peer_paused and not stream.closing else 0
+            readable = may_read_forwards if stream.forward else may_read
+            events = P.READABLE if readable and not stream.peer_paused and not stream.closing else 0
             if stream.outbuf:
                 events |= P.WRITABLE
             if events:
@@ -569,7 +572,7 @@ class Tunnel:
         except OSError:
             data = b""
         if data:
-            self._put_data(stream.sid, data)
+            self._put_data(stream.sid, data, stream.forward)
         else:
             self._close_stream(stream, tell_peer=True)
 
@@ -597,7 +600,7 @@ class Tunnel:
         self._closing.append(stream.sock)
         self._wake_pump = True
         if tell_peer:
-            self._put(P.CLOSE, stream.sid)
+            self._put(P.CLOSE, stream.sid, background=stream.forward)
 
     # ------------------------------------------------------------------------------ uplink
 

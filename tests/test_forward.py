@@ -4,18 +4,29 @@ own link (forward.py, tunnel.py, remote/agent.py), never through SSH port forwar
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
+import json
 import re
 import secrets
 import socket
+import statistics
+import subprocess
+import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SSHDFactory
+from datapath_harness import WAIT, Rig, pattern, read_exactly
 from launch_helpers import connect_client, execute, kernel_entry, launched_cli, wait_until, write_spec
+from os_users import OSUser, os_user_fixture, os_users_fixture, run_python_as  # noqa: F401 - fixtures
 from sshd import SSHServer
 from test_config import only_problem, write
+from test_launch import _assert_forwarding_is_refused
 
 from remote_kernel.config import load_config
 from remote_kernel.entry import HostEntry, KernelEntry
@@ -155,3 +166,200 @@ def test_a_remote_port_nobody_listens_on_closes_the_local_connection_says_so_and
         said = f"nothing listens on remote port {remote}"
         assert wait_until(lambda: said in launcher.stderr, timeout=10), launcher.stderr
     assert launcher.stderr.count(said) == 1, launcher.stderr
+
+
+@contextlib.contextmanager
+def http_server_thread(port: int, site: Path) -> Iterator[None]:
+    """An HTTP server of the test itself on 127.0.0.1:``port`` (the "remote" host is this machine)."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_a_taken_local_port_is_replaced_by_a_free_one_and_the_log_says_which(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    # forward = [PORT]: here the remote host is this machine, so the remote server itself holds
+    # 127.0.0.1:PORT and the launcher must serve the forward on another local port.
+    port, marker = free_port(), f"page-{secrets.token_hex(6)}"
+    with http_server_thread(port, a_site(tmp_path, marker)), \
+            served(sshd, remote_python, tmp_path, "taken", forward=(str(port),)) as (launcher, kc):
+        match = FORWARDING.search(launcher.stderr)
+        assert match is not None and int(match[2]) == port, launcher.stderr
+        local = int(match[1])
+        assert local != port and f"local port {port} is taken" in launcher.stderr
+        assert marker in http_get(local)
+        assert execute(kc, "1+1").result == "2"
+
+
+@pytest.mark.slow
+def test_forwarding_works_through_an_sshd_that_allows_no_tcp_forwarding(
+    sshd_factory: SSHDFactory, remote_python: Path, tmp_path: Path
+) -> None:
+    server = sshd_factory(extra_config="AllowTcpForwarding no")
+    _assert_forwarding_is_refused(server)
+    remote, local = free_port(), free_port()
+    marker = f"page-{secrets.token_hex(6)}"
+    with served(server, remote_python, tmp_path, "noforwarding", forward=(f"{remote}:{local}",)) as (_, kc):
+        serve_in_kernel(kc, remote, a_site(tmp_path, marker))
+        assert marker in http_get(local)
+
+
+PROBE_AS_OTHER = """
+import json, socket
+with socket.create_connection(("127.0.0.1", LOCAL), timeout=10) as sock:
+    sock.settimeout(10)
+    try:
+        sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        data = sock.recv(65536)
+    except OSError as exc:
+        data = b""
+print(json.dumps({"answer": data.decode("latin-1")}))
+"""
+
+
+@pytest.mark.slow
+def test_another_os_user_cannot_use_the_local_forward_port(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path, os_user: OSUser
+) -> None:
+    remote, local = free_port(), free_port()
+    marker = f"page-{secrets.token_hex(6)}"
+    with served(sshd, remote_python, tmp_path, "mine", forward=(f"{remote}:{local}",)) as (launcher, kc):
+        serve_in_kernel(kc, remote, a_site(tmp_path, marker))
+        result = run_python_as(os_user, PROBE_AS_OTHER.replace("LOCAL", str(local)))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"answer": ""}
+        assert marker in http_get(local)  # the owner is served
+    assert f"refused a connection to the kernel from uid {os_user.uid}" in launcher.stderr
+
+
+DOWNLOAD_BYTES = 100 * 1024 * 1024
+ANSWER_BOUND = 10.0  # seconds: generous; the figures are printed, never asserted
+
+
+def timed_executions(kc: Any, keep_going: Callable[[int], bool]) -> list[float]:
+    """Round trips of `1+1` (each must answer within ANSWER_BOUND) while ``keep_going(done)``."""
+    times: list[float] = []
+    while keep_going(len(times)):
+        began = time.perf_counter()
+        assert execute(kc, "1+1", timeout=ANSWER_BOUND).result == "2"
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def p99(times: list[float]) -> float:
+    return sorted(times)[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_100_mb_download_through_a_forward_never_stops_the_kernel_answering(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path
+) -> None:
+    remote, local = free_port(), free_port()
+    site = a_site(tmp_path, "big")
+    with (site / "big.bin").open("wb") as big:
+        big.truncate(DOWNLOAD_BYTES)
+    server = subprocess.Popen(  # a server process of its own, as a dashboard would be
+        [str(remote_python), "-m", "http.server", str(remote), "--bind", "127.0.0.1", "--directory", str(site)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with served(sshd, remote_python, tmp_path, "bulk", forward=(f"{remote}:{local}",)) as (_, kc):
+            assert wait_until(lambda: "big" in http_get(local), timeout=20)
+            quiet = timed_executions(kc, lambda done: done < 200)
+            received: list[int] = []
+            download = threading.Thread(target=lambda: received.append(fetch_size(local, "/big.bin")))
+            download.start()
+            busy = timed_executions(kc, lambda done: download.is_alive() or done < 20)
+            download.join(timeout=120)
+            assert received == [DOWNLOAD_BYTES]
+            assert execute(kc, "1+1").result == "2"
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    print(f"\n1+1 round trip p99: {p99(quiet) * 1000:.1f} ms quiet ({len(quiet)} runs), "
+          f"{p99(busy) * 1000:.1f} ms during a 100 MB download ({len(busy)} runs), median "
+          f"{statistics.median(quiet) * 1000:.1f} / {statistics.median(busy) * 1000:.1f} ms")
+
+
+def fetch_size(port: int, path: str) -> int:
+    size = 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as reply:
+        while chunk := reply.read(1 << 20):
+            size += len(chunk)
+    return size
+
+
+# --- at our seam: the real agent and tunnel joined by pipes (datapath_harness.py), no sshd ----------------
+
+
+@pytest.fixture(params=[False, True], ids=["pump-reads", "transport-delivers"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    rig = Rig(deliver=request.param)
+    try:
+        rig.start()
+        yield rig
+    finally:
+        rig.close()
+
+
+@contextlib.contextmanager
+def sending_server(data: bytes) -> Iterator[int]:
+    """A "remote" TCP server that sends ``data`` to each connection and closes it at once (as an
+    HTTP/1.0 server does); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def forward_client(rig: Rig, remote: int) -> socket.socket:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    rig.tunnel.add_listener(f"tcp:{remote}", listener)
+    client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    rig.clients.append(client)
+    return client
+
+
+def test_datapath_a_forward_delivers_every_byte_the_remote_server_sent_before_it_closed(rig: Rig) -> None:
+    data = pattern(7, 6_000_000)
+    with sending_server(data) as remote:
+        client = forward_client(rig, remote)
+        assert read_exactly(client, len(data) + 1) == data  # then EOF: nothing lost to the early CLOSE
+
+
+def test_datapath_a_forward_client_that_never_reads_holds_up_no_kernel_channel(rig: Rig) -> None:
+    sent = pattern(8, 60_000_000)
+    with sending_server(sent) as remote:
+        stalled = forward_client(rig, remote)  # a slow browser: takes nothing
+        stalled.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        time.sleep(1.0)  # the transfer backs up to the water marks (PAUSE)
+        for channel in ("shell", "control", "iopub"):
+            rig.echo(channel, pattern(1, 300_000))
+        assert read_exactly(stalled, 1_000_000) == sent[:1_000_000]  # and it flows when read

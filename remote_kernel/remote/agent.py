@@ -84,6 +84,7 @@ class Stream(P.StreamFlow):
         self.channel = channel
         self.sock = sock
         self.connecting = False  # a forward's TCP connect is under way (watched for writable)
+        self.forward = P.forward_port(channel) is not None  # its data goes after the kernel's (Outbox)
         self.closing = False  # the launcher closed it: close once ``outbuf`` is written
         # iopub output is read whatever the uplink does (the kernel drops what we do not read),
         # into the backlog, and dropped a whole message at a time when that is full.
@@ -509,22 +510,24 @@ class Agent:
                     wanted[self.uplink_r] = (uplink, P.READABLE | P.WRITABLE)
                 else:
                     wanted[self.uplink_w] = (self.uplink_w, P.WRITABLE)
-        may_read = self.link.may_read_sources(BULK_LIMIT)
+        may_read = (self.link.may_read_sources(BULK_LIMIT), self.link.may_read_sources(BULK_LIMIT, True))
         for stream in self.streams.values():
-            if stream.sock is None:
-                continue
-            events = 0
-            if stream.connecting or stream.closing:
-                wanted[stream.sock.fileno()] = (stream.sock, P.WRITABLE)
-                continue
-            # iopub is read whatever the uplink does: the backlog holds it or drops whole messages
-            if not stream.peer_paused and (may_read or (stream.framer is not None and not stream.framer.broken)):
-                events = P.READABLE
-            if stream.outbuf:
-                events |= P.WRITABLE
-            if events:
-                wanted[stream.sock.fileno()] = (stream.sock, events)
+            peer = stream.sock
+            events = self._stream_events(stream, may_read[stream.forward]) if peer is not None else 0
+            if events and peer is not None:
+                wanted[peer.fileno()] = (peer, events)
         return wanted
+
+    def _stream_events(self, stream: Stream, may_read: bool) -> int:
+        if stream.connecting or stream.closing:
+            return P.WRITABLE
+        events = 0
+        # iopub is read whatever the uplink does: the backlog holds it or drops whole messages
+        if not stream.peer_paused and (may_read or (stream.framer is not None and not stream.framer.broken)):
+            events = P.READABLE
+        if stream.outbuf:
+            events |= P.WRITABLE
+        return events
 
     def _on_readable(self, obj: Any) -> None:
         if obj is self.listener:
@@ -780,7 +783,7 @@ class Agent:
             data = stream.framer.feed(data, self._room(stream.framer), self._drop_notice)
             if not data:
                 return
-        self.outbox.put(P.DATA, stream.sid, data)
+        self.outbox.put(P.DATA, stream.sid, data, stream.forward)
 
     def _write_stream(self, sock: socket.socket) -> None:
         stream = self._stream_by_sock(sock)
@@ -811,7 +814,7 @@ class Agent:
         if stream.sock is not None:
             stream.sock.close()
         if tell_peer:
-            self.outbox.put(P.CLOSE, stream.sid)
+            self.outbox.put(P.CLOSE, stream.sid, b"", stream.forward)
 
     def _close_streams(self) -> None:
         for stream in list(self.streams.values()):
