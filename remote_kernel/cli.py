@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "attach": "attach_cmd",
     "stop": "stop_cmd",
     "interrupt": "interrupt_cmd",
+    "forward": "forward_cmd",
 }
 # The v1.1 form `python -m remote_kernel -t host ...` runs this hidden command.
 ADHOC_COMMAND = "run-target"

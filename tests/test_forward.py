@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 from conftest import SSHDFactory
 from datapath_harness import WAIT, Rig, pattern, read_exactly
-from launch_helpers import connect_client, execute, kernel_entry, launched_cli, wait_until, write_spec
+from launch_helpers import (
+    connect_client,
+    execute,
+    kernel_entry,
+    launched_cli,
+    run_cli,
+    started_kernel,
+    wait_until,
+    write_spec,
+)
 from os_users import OSUser, os_user_fixture, os_users_fixture, run_python_as  # noqa: F401 - fixtures
 from sshd import SSHServer
 from test_config import only_problem, write
@@ -363,3 +372,47 @@ def test_datapath_a_forward_client_that_never_reads_holds_up_no_kernel_channel(r
         for channel in ("shell", "control", "iopub"):
             rig.echo(channel, pattern(1, 300_000))
         assert read_exactly(stalled, 1_000_000) == sent[:1_000_000]  # and it flows when read
+
+
+# --- ad hoc: `remote-kernel forward` for a kernel the per-user service runs ----------------------------------
+
+
+@pytest.mark.slow
+def test_forward_command_adds_a_forward_to_a_running_kernel_of_the_service(
+    sshd: SSHServer, remote_python: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REMOTE_KERNEL_SERVICE", "on")
+    write_spec(kernel_entry(sshd, remote_python, "adhoc"))
+    remote, local = free_port(), free_port()
+    marker = f"page-{secrets.token_hex(6)}"
+    with started_kernel("adhoc") as (_, kc):
+        serve_in_kernel(kc, remote, a_site(tmp_path, marker))
+        result = run_cli(["--json", "forward", "adhoc", str(remote), str(local)])
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert (answer["ok"], answer["remote"], answer["local"], answer["url"]) == (
+            True, remote, local, f"http://127.0.0.1:{local}/")
+        assert marker in http_get(local)
+        connection_file = answer["connection_file"]
+        again = run_cli(["forward", connection_file, str(remote)])  # by its connection file; REMOTE is taken here
+        assert again.returncode == 0, again.stderr
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/ -> port (\d+)", again.stdout)
+        assert url is not None and int(url[2]) == remote and "is taken here" in again.stdout, again.stdout
+        assert marker in http_get(int(url[1]))
+        unknown = run_cli(["forward", "nosuchkernel", str(remote)])
+        assert unknown.returncode == 2
+        assert "no kernel 'nosuchkernel' runs in the per-user service (its kernels: adhoc)" in unknown.stderr
+        assert execute(kc, "1+1").result == "2"
+    assert wait_until(lambda: not port_open(local), timeout=20)  # the forward ended with the kernel
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_forward_command_without_a_service_says_the_in_process_kernel_needs_the_forward_key() -> None:
+    result = run_cli(["forward", "lab", "8787"])
+    assert result.returncode == 2
+    assert "no per-user service runs" in result.stderr and "add forward = [8787] to its entry" in result.stderr
+    assert "Traceback" not in result.stderr

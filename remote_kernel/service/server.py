@@ -26,7 +26,7 @@ from typing import Any
 from remote_kernel import __version__, detached
 from remote_kernel.backends import Locator
 from remote_kernel.entry import HostEntry, KernelEntry
-from remote_kernel.errors import RemoteKernelError
+from remote_kernel.errors import RemoteKernelError, UsageError
 from remote_kernel.launcher import SHUTDOWN_WAIT, Adoption, KernelGoneError, RemoteKernel
 from remote_kernel.service import idle_limit, paths, prompts
 from remote_kernel.service.pool import AnswerNeeded, NobodyPrompter, Pool, ServiceConnector
@@ -261,6 +261,36 @@ class Service:
 
     def _op_signal_kernel(self, channel: Channel, request: dict[str, Any]) -> None:
         DetachedKernels(self).signal(channel, request)
+
+    def _op_forward(self, channel: Channel, request: dict[str, Any]) -> None:
+        """`remote-kernel forward`: one more forward for a kernel served here, for the kernel's life."""
+        try:
+            kernel = self._kernel_named(str(request.get("kernel") or ""))
+            served = kernel.forward(int(request["remote"]), request.get("local"))
+        except RemoteKernelError as exc:
+            channel.send(_error_event(exc))
+            return
+        channel.send({"event": "forwarding", **served.to_dict(), "name": kernel.entry.name,
+                      "host": kernel.entry.host.label, "connection_file": str(kernel.connection_file)})
+
+    def _kernel_named(self, wanted: str) -> HostedKernel:
+        """A kernel served here by its detached id, its connection file, or its entry's name."""
+        path = str(Path(wanted).expanduser().resolve()) if "/" in wanted or wanted.endswith(".json") else None
+        with self._lock:
+            hosted = list(self.kernels.values())
+        found = [k for k in hosted if wanted in (k.get("kernel_id"), k["name"]) or
+                 (path is not None and k.get("connection_file") and str(Path(k["connection_file"]).resolve()) == path)]
+        if len(found) == 1:
+            kernel: HostedKernel = found[0]["kernel"]
+            return kernel
+        names = ", ".join(sorted({str(k["name"]) for k in hosted})) or "none"
+        if found:
+            raise UsageError(f"{len(found)} kernels named {wanted!r} run in the service",
+                             hint="name one by its connection file (`remote-kernel service status` lists them)")
+        raise UsageError(
+            f"no kernel {wanted!r} runs in the per-user service (its kernels: {names})",
+            hint="a kernel served in-process (REMOTE_KERNEL_SERVICE=off, or started before the service) cannot "
+                 "take an ad hoc forward: add forward = [PORT] to its entry and restart it")
 
     def _hosted(self, channel: Channel, request: dict[str, Any], entry: KernelEntry,
                 adopt: Adoption | None = None) -> HostedKernel:
