@@ -154,6 +154,8 @@ class KernelEntry(Record):
             del data["slurm"]  # entries without it keep their stored form and fingerprint
         if not data.get("forward"):
             del data["forward"]  # the same
+        if data.get("detached_lease") == DEFAULT_DETACHED_LEASE:
+            del data["detached_lease"]  # the same
         return {"schema": ENTRY_SCHEMA, **data}
 
     @classmethod

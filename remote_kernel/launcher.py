@@ -444,6 +444,10 @@ class Launcher:
         assert self.locator is not None  # noqa: S101
         self.state.remote_dir = self.locator.dir
         self.state.kernel_pid = data.get("kernel_pid")
+        # Confirm READY at once: an agent keeps a kernel after a drop only once its launcher has
+        # acknowledged something (else it was abandoned mid-start), and a detached kernel's
+        # service may be killed a moment after it said "ready".
+        self._tunnel.acknowledge_now()
         self._enter(Phase.RUNNING)
         self._write_state_file()
         progress.info("ready in %.1f s: kernel pid %s on %s, Python %s", time.monotonic() - self.started,

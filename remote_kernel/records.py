@@ -38,7 +38,7 @@ class Record:
     """Mixin for frozen dataclasses stored as JSON: ``to_dict``/``from_dict`` from the fields.
 
     Field types understood: str, int, float, bool, ``X | None``, ``tuple[X, ...]``,
-    ``Mapping[str, X]`` and nested Records. Tuples are stored as lists, mappings with sorted keys.
+    ``Mapping[str, X]``, nested Records, and ``Any`` (JSON kept as it is). Tuples are stored as lists, mappings with sorted keys.
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +91,8 @@ _SCALARS: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int,
 def _load(hint: Any, value: Any, where: str) -> Any:
     """``value`` (JSON) as the annotated type ``hint``; TypeError naming ``where`` if it is not one."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:  # a nested JSON document kept as it is (a record of another schema)
+        return value
     if origin in (typing.Union, types.UnionType):
         return _load_optional(args, value, where)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, list | tuple):

@@ -80,6 +80,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IsolatedEnv
         "IPYTHONDIR": env.home / ".ipython",
         "XDG_CONFIG_HOME": env.xdg_config,
         "XDG_DATA_HOME": env.xdg_data,
+        "XDG_STATE_HOME": env.home / ".local" / "state",
         "XDG_RUNTIME_DIR": env.xdg_runtime,
     }
     for name, value in settings.items():
