@@ -416,3 +416,12 @@ def test_forward_command_without_a_service_says_the_in_process_kernel_needs_the_
     assert result.returncode == 2
     assert "no per-user service runs" in result.stderr and "add forward = [8787] to its entry" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_datapath_a_forwarded_connection_survives_a_dropped_link_and_loses_nothing(rig: Rig) -> None:
+    data = pattern(9, 4_000_000)
+    with sending_server(data) as remote:
+        client = forward_client(rig, remote)
+        first = read_exactly(client, 1_000_000)
+        rig.drop()
+        assert first + read_exactly(client, len(data)) == data
