@@ -4,6 +4,7 @@ own link (forward.py, tunnel.py, remote/agent.py), never through SSH port forwar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import http.server
 import json
@@ -36,6 +37,7 @@ from os_users import OSUser, os_user_fixture, os_users_fixture, run_python_as  #
 from sshd import SSHServer
 from test_config import only_problem, write
 from test_launch import _assert_forwarding_is_refused
+from test_slurm import client_of, our_job, ready_kernel, slurm_entry
 
 from remote_kernel.config import load_config
 from remote_kernel.entry import HostEntry, KernelEntry
@@ -425,3 +427,28 @@ def test_datapath_a_forwarded_connection_survives_a_dropped_link_and_loses_nothi
         first = read_exactly(client, 1_000_000)
         rig.drop()
         assert first + read_exactly(client, len(data)) == data
+
+
+# --- a Slurm kernel: the agent runs in the job, so the forward reaches the compute node ----------------
+
+
+@pytest.mark.slow
+def test_a_slurm_kernels_forward_reaches_a_server_in_its_job(
+    slurm: Any, sshd_factory: SSHDFactory, remote_python: Path, tmp_path: Path
+) -> None:
+    login = sshd_factory(extra_config=slurm.sshd_config_lines())
+    remote, local = free_port(), free_port()
+    marker = f"page-{secrets.token_hex(6)}"
+    entry = dataclasses.replace(slurm_entry(login, remote_python, "fwdjob"), forward=(f"{remote}:{local}",))
+    kernel = ready_kernel(entry, tmp_path / "kernel.json")
+    try:
+        kc = client_of(kernel)
+        try:
+            assert execute(kc, "import os; print(os.environ['SLURM_JOB_ID'])").stdout.strip() == our_job(
+                slurm, "fwdjob")["id"]
+            serve_in_kernel(kc, remote, a_site(tmp_path, marker))
+            assert marker in http_get(local)
+        finally:
+            kc.stop_channels()
+    finally:
+        kernel.close()
