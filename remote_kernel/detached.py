@@ -155,3 +155,30 @@ def describe(service: Mapping[str, Any] | None, remote_rows: list[dict[str, Any]
             "started": record.started,
         })
     return rows
+
+
+def collect_garbage(service: Mapping[str, Any] | None, targets: list[Any], *, dry_run: bool) -> list[dict[str, Any]]:
+    """``gc``: forget the records of detached kernels that are no longer on their host (the host
+    answered, and none of its agents lives in the kernel's directory). A kernel the service
+    serves, or whose host did not answer, is kept."""
+    from remote_kernel import inventory
+
+    hosted = {k.get("kernel_id") for k in (service or {}).get("kernels", [])}
+    waiting = [record for record in load_all() if record.id not in hosted]
+    asked = [target for target in targets if any(record.host == target.host.label for record in waiting)]
+    if not asked:
+        return []
+    answers = inventory.ask_hosts(asked, {"mode": "list"})
+    alive: dict[str, set[str]] = {}
+    for answer in answers:
+        if answer.error is None:
+            agents = (answer.answer or {}).get("agents", [])
+            alive[answer.target.host.label] = {str(a.get("dir")) for a in agents if a.get("alive") is not False}
+    actions = []
+    for record in waiting:
+        if record.host in alive and record.where().dir not in alive[record.host]:
+            if not dry_run:
+                forget(record)
+            actions.append({"host": "local", "action": "forget-detached", "name": record.name,
+                            "path": str(record_path(record.id)), "id": record.id})
+    return actions

@@ -31,7 +31,7 @@ from remote_kernel.backends import AgentGoneError, Backend, Connector, DirectCon
 from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
 from remote_kernel.forward import Forward, bind_forward, channel_for, parse_forward
-from remote_kernel.protocol import EXIT_ATTACH_GONE, EXIT_NOT_FOUND
+from remote_kernel.protocol import EXIT_ATTACH_GONE, EXIT_JOB_FAILED, EXIT_NOT_FOUND
 from remote_kernel.tunnel import IDLE_PING, Attached, Crashed, Event, Exited, LinkLost, Log, Ready, Stderr, Tunnel
 
 log = logging.getLogger(__name__)
@@ -648,7 +648,7 @@ class Launcher:
         elif status == EXIT_NOT_FOUND:
             reason = f"the remote shell could not run {self.entry.python!r} (python)"
         elif status == EXIT_JOB_FAILED:
-            reason = "its batch job's script failed before the kernel started (the end of its output below)"
+            reason = "its batch job's script failed before the kernel started (see the end of the job's output)"
         else:
             reason = "the remote side ended before the kernel started"
             if status is not None and status >= 0:

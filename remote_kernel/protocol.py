@@ -86,12 +86,14 @@ EXIT_BAD_REQUEST = 2  # the first frame is not BOOT, an unknown mode, a batch jo
 EXIT_SHORT_INPUT = 3  # the bootstrap: stdin ended before the whole agent program arrived
 EXIT_NOT_OUR_DIR = 3  # attach: the directory named is not one of our kernel directories
 EXIT_ATTACH_GONE = 4  # attach: agent.sock refuses connections: the kernel and its agent are gone
+EXIT_JOB_FAILED = 5  # attach: a batch job's script failed before its agent listened (its output on stderr)
 EXIT_CWD_FAILED = 97  # the start script: `cd <cwd>` failed
 EXIT_NOT_FOUND = 127  # the shell could not run python, or the kernel command could not be executed
 REMOTE_EXITS = {
     EXIT_BAD_REQUEST: "the agent refused the request",
     EXIT_SHORT_INPUT: "the agent program did not arrive whole, or (attach) the directory is not ours",
     EXIT_ATTACH_GONE: "the kernel is gone",
+    EXIT_JOB_FAILED: "the batch job's script failed before the agent started",
     EXIT_CWD_FAILED: "the working directory does not exist",
     EXIT_NOT_FOUND: "a command was not found",
 }
@@ -224,6 +226,12 @@ class ReliableSender:
         self._unacked: Deque[Tuple[int, bytes]] = collections.deque()
         self.unacked_bytes = 0
 
+    def restart(self) -> None:
+        """Forget everything sent: the next frame is seq 1 again (Link.rebase)."""
+        self.next_seq = 1
+        self._unacked.clear()
+        self.unacked_bytes = 0
+
     def sequence(self, kind: int, sid: int, payload: bytes) -> bytes:
         seq = self.next_seq
         self.next_seq += 1
@@ -244,12 +252,6 @@ class ReliableSender:
     def last_sent(self) -> int:
         return self.next_seq - 1
 
-    def restart(self) -> None:
-        """Forget everything sent: the next frame is seq 1 again (Link.rebase)."""
-        self.next_seq = 1
-        self._unacked.clear()
-        self.unacked_bytes = 0
-
 
 class ReliableReceiver:
     """Accepts sequenced frames exactly once and in order; tells when an ACK is due."""
@@ -258,6 +260,10 @@ class ReliableReceiver:
         self.received = 0  # highest seq accepted
         self.acked = 0  # highest seq we told the peer about
         self.bytes_since_ack = 0
+
+    def restart(self) -> None:
+        """Forget everything received: the peer's next frame is seq 1 (Link.rebase)."""
+        self.received = self.acked = self.bytes_since_ack = 0
 
     def accept(self, seq: int, size: int) -> bool:
         """True if the frame is new; False for a duplicate re-sent after a reattach."""
@@ -278,10 +284,6 @@ class ReliableReceiver:
         self.acked = self.received
         self.bytes_since_ack = 0
         return encode(ACK, 0, self.received)
-
-    def restart(self) -> None:
-        """Forget everything received: the peer's next frame is seq 1 (Link.rebase)."""
-        self.received = self.acked = self.bytes_since_ack = 0
 
 
 def hello(fields: Dict[str, Any], received: int) -> bytes:
@@ -333,6 +335,25 @@ class Link:
         self.receiver.bytes_since_ack = 0
         return [hello(fields, self.receiver.received), *self.sender.unacknowledged()]
 
+    def rebase(self) -> None:
+        """A new peer with no history (a launcher taking over after the old one died with its
+        state): both sequences start again at 1. Frames of the old streams are dropped (their
+        clients are gone); the link's own news (READY, LOG, EXITED: stream 0) is kept, in order,
+        to be sequenced again for the new peer."""
+        kept = [(kind, sid, payload) for kind, sid, _, payload in FrameDecoder().feed(
+            b"".join(self.sender.unacknowledged())) if sid == 0]
+        while True:
+            item = self.outbox.pop()
+            if item is None:
+                break
+            if item[1] == 0:
+                kept.append(item)
+        self.sender.restart()
+        self.receiver.restart()
+        self.decoder.reset()
+        for kind, sid, payload in kept:
+            self.outbox.put(kind, sid, payload)
+
 
 class Liveness:
     """Is the peer still there? A link can go silent without any error (Wi-Fi roaming, a sleeping
@@ -357,25 +378,6 @@ class Liveness:
     def restart(self, now: float) -> None:
         """A new connection: nothing heard on it yet, no PING in flight."""
         self.last_rx = now
-    def rebase(self) -> None:
-        """A new peer with no history (a launcher taking over after the old one died with its
-        state): both sequences start again at 1. Frames of the old streams are dropped (their
-        clients are gone); the link's own news (READY, LOG, EXITED: stream 0) is kept, in order,
-        to be sequenced again for the new peer."""
-        kept = [(kind, sid, payload) for kind, sid, _, payload in FrameDecoder().feed(
-            b"".join(self.sender.unacknowledged())) if sid == 0]
-        while True:
-            item = self.outbox.pop()
-            if item is None:
-                break
-            if item[1] == 0:
-                kept.append(item)
-        self.sender.restart()
-        self.receiver.restart()
-        self.decoder.reset()
-        for kind, sid, payload in kept:
-            self.outbox.put(kind, sid, payload)
-
         self.heard = False
         self.ping_sent = None
 

@@ -38,7 +38,8 @@ class Record:
     """Mixin for frozen dataclasses stored as JSON: ``to_dict``/``from_dict`` from the fields.
 
     Field types understood: str, int, float, bool, ``X | None``, ``tuple[X, ...]``,
-    ``Mapping[str, X]``, nested Records, and ``Any`` (JSON kept as it is). Tuples are stored as lists, mappings with sorted keys.
+    ``Mapping[str, X]``, nested Records, and ``Any`` (JSON kept as it is). Tuples are stored as
+    lists, mappings with sorted keys.
     """
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,15 +70,18 @@ class JupyterServer:
                         "allow_stdin": False, "stop_on_error": True},
         }))
         out: dict[str, Any] = {"stdout": "", "status": None}
+        idle = False  # iopub and shell are separate sockets: output may follow the reply, never the idle status
         deadline = time.monotonic() + timeout
-        while out["status"] is None and time.monotonic() < deadline:
+        while (out["status"] is None or not idle) and time.monotonic() < deadline:
             raw = await asyncio.wait_for(conn.read_message(), timeout=max(0.1, deadline - time.monotonic()))
             if raw is None:
                 break
             message = json.loads(raw)
             if message.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
-            if message["msg_type"] == "stream":
+            if message["msg_type"] == "status":
+                idle = idle or message["content"]["execution_state"] == "idle"
+            elif message["msg_type"] == "stream":
                 out["stdout"] += message["content"]["text"]
             elif message["msg_type"] == "execute_reply":
                 out["status"] = message["content"]["status"]
@@ -87,14 +90,15 @@ class JupyterServer:
 
 
 @contextlib.contextmanager
-def jupyter_server(root: Path) -> Iterator[JupyterServer]:
+def jupyter_server(root: Path, *options: str) -> Iterator[JupyterServer]:
+    """A started server in ``root``; ``options`` are more command-line options (``--ServerApp.x=y``)."""
     port, token = free_port(), secrets.token_hex(16)
     log_path = root / "jupyter_server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-             "--ServerApp.port_retries=0", "--allow-root"],
+             "--ServerApp.port_retries=0", "--allow-root", *options],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     server = JupyterServer(f"http://127.0.0.1:{port}", token, proc, log_path)
     try:

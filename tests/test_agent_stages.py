@@ -287,7 +287,7 @@ def test_every_copy_of_a_remote_exit_code_is_the_protocol_table_s() -> None:
     assert bootstrap.CWD_FAILED_EXIT == P.EXIT_CWD_FAILED
     assert launcher.ATTACH_EXIT_GONE == P.EXIT_ATTACH_GONE
     assert set(P.REMOTE_EXITS) == {P.EXIT_BAD_REQUEST, P.EXIT_SHORT_INPUT, P.EXIT_NOT_OUR_DIR,
-                                   P.EXIT_ATTACH_GONE, P.EXIT_CWD_FAILED, P.EXIT_NOT_FOUND}
+                                   P.EXIT_ATTACH_GONE, P.EXIT_JOB_FAILED, P.EXIT_CWD_FAILED, P.EXIT_NOT_FOUND}
 
 
 def test_a_session_whose_program_does_not_arrive_whole_exits_with_the_short_input_code() -> None:

@@ -21,7 +21,6 @@ from launch_helpers import (
     execute,
     kernel_entry,
     kernel_facts,
-    pid_alive,
     run_cli,
     single_kernel_config,
     started_kernel,

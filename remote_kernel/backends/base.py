@@ -75,9 +75,11 @@ class Backend(Protocol):
     # When the agent's place started (a batch job's start, after its queue wait): startup_timeout
     # counts from there. None: from the launch itself.
     started_at: float | None
+    queued: bool  # the start waits in a batch queue: no kernel yet (an interrupt gives up the wait)
 
-    def cancel(self) -> None:
-        """Give up a start that waits (a batch queue): the launcher was told to stop."""
+    def cancel(self, reason: str = "") -> None:
+        """Give up a start that waits (a batch queue): the launcher was told to stop (``reason``,
+        e.g. "Ctrl-C", ends the error message)."""
 
     def check(self, connection: Any) -> None:
         """Raise AgentGoneError if the agent's place has ended (nothing for a plain SSH host)."""

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 class DirectBackend:
     kind = "ssh"
     started_at: float | None = None
+    queued = False
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "") -> None:
         """Nothing waits: a start on the host itself is bounded by startup_timeout alone."""
 
     def check(self, connection: Any) -> None:

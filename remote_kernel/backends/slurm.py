@@ -24,6 +24,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
 import secrets
 import shlex
 import threading
@@ -36,7 +38,7 @@ from remote_kernel import bootstrap
 from remote_kernel import protocol as P
 from remote_kernel.backends.base import AgentGoneError, Locator
 from remote_kernel.entry import KernelEntry, SlurmSettings
-from remote_kernel.errors import LaunchError
+from remote_kernel.errors import EXIT_INTERRUPTED, LaunchError
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("remote_kernel.progress")
@@ -47,6 +49,12 @@ NO_RESUBMIT_WINDOW = 120.0  # after a job ended: a restart of that kernel within
 ENDED_STATES = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
                 "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED")
 JOB_DIR_ENV = "RK_JOB_DIR"  # remote/spawn.py reads it: the directory the batch script made
+JOB_FAILED = "job.failed"  # remote/agent.py JOB_FAILED: the script failed before the agent listened
+JOB_OUTPUT_TAIL = 4000  # bytes of job.out shown (remote/agent.py JOB_OUTPUT_TAIL)
+# A script that fails before its agent listens (cd, a setup line, python not found) waits this long
+# (at most) for the launcher's srun step to fetch the tail of its output (remote/agent.py
+# report_failed_job): the job's directory is on the compute node, which the launcher cannot read.
+FAILED_JOB_WAIT = 60
 
 # The batch schedulers this backend knows how to drive; Slurm is the one built and tested.
 SCHEDULERS: dict[str, dict[str, str]] = {
@@ -98,7 +106,9 @@ class SlurmBackend:
         self.node: str = ""
         self.started_at: float | None = None  # when the job started: startup_timeout counts from here
         self.token = ""
+        self.queued = False  # the job waits in the queue: there is no kernel to interrupt yet
         self._cancelled = threading.Event()
+        self._cancel_reason = ""
 
     # ------------------------------------------------------------------------------ the seam
 
@@ -135,8 +145,10 @@ class SlurmBackend:
         return Locator(kind=self.kind, host=entry.host.label, dir=str(ready["dir"]), job_id=self.job_id,
                        node=self.node or None, job_dir=self.job_dir)
 
-    def cancel(self) -> None:
-        """A stop while the job waits in the queue: scancel it at once (the wait loop does)."""
+    def cancel(self, reason: str = "") -> None:
+        """A stop while the job waits in the queue: scancel it at once (the wait loop does);
+        ``reason`` (the first one given) ends the launcher's error message."""
+        self._cancel_reason = self._cancel_reason or reason
         self._cancelled.set()
 
     def check(self, connection: Any) -> None:
@@ -183,14 +195,25 @@ class SlurmBackend:
         progress.info("job %s submitted", job_id)
 
     def _wait_running(self, connection: Any, entry: KernelEntry) -> None:
+        """Wait for the job to run, with a local record of the wait: `gc` cancels a job whose
+        launcher died while it was queued (nothing on the cluster knows)."""
+        record = save_queued_job(entry.host.label, str(self.job_id), entry.name)
+        self.queued = True
+        try:
+            self._poll_until_running(connection, entry)
+        finally:
+            self.queued = False
+            with contextlib.suppress(OSError):
+                record.unlink()
+
+    def _poll_until_running(self, connection: Any, entry: KernelEntry) -> None:
         """Poll squeue until the job runs; log state/reason/start when they change."""
         job_id = str(self.job_id)
         began, seen = time.monotonic(), None
         limit = self.settings.queue_timeout
         while True:
             if self._cancelled.is_set():
-                self._scancel(connection, "the launcher was told to stop while the job waited")
-                raise LaunchError(f"kernel {entry.name!r}: job {self.job_id} cancelled while it waited in the queue")
+                self._raise_cancelled(connection, entry, seen[0] if seen else "PENDING")
             state = job_state(connection, job_id) or JobState("UNKNOWN")
             if (state.state, state.reason, state.start) != seen:
                 seen = (state.state, state.reason, state.start)
@@ -213,6 +236,14 @@ class SlurmBackend:
                                   hint="raise queue_timeout, or ask for fewer resources or another partition")
             self._cancelled.wait(POLL_INTERVAL)
 
+    def _raise_cancelled(self, connection: Any, entry: KernelEntry, state: str) -> None:
+        self._scancel(connection, self._cancel_reason or "the launcher was told to stop while the job waited")
+        if self._cancel_reason == "Ctrl-C":
+            error = LaunchError(f"kernel {entry.name!r}: job {self.job_id} cancelled while {state.lower()} (Ctrl-C)")
+            error.exit_code = EXIT_INTERRUPTED
+            raise error
+        raise LaunchError(f"kernel {entry.name!r}: job {self.job_id} cancelled while it waited in the queue")
+
     def _scancel(self, connection: Any, why: str) -> None:
         log.info("cancelling job %s (%s)", self.job_id, why)
         with contextlib.suppress(Exception):
@@ -222,8 +253,8 @@ class SlurmBackend:
         """An exec channel running the agent code in a new `srun --overlap` step of our job."""
         size = len(bootstrap.agent_payload())
         srun = ["srun", f"--jobid={self.job_id}", "--overlap", "-u", "-N1", "-n1", "--quiet"]
-        line = (f"exec {shlex.join(srun)} -- {bootstrap.shell_word(entry.python)} -S -c "
-                f"{shlex.quote(bootstrap.BOOTSTRAP)} {size}")
+        line = (f"exec {shlex.join(srun)} -- /bin/sh -c {shlex.quote(step_script(entry, str(self.job_dir)))} sh "
+                f"{bootstrap.shell_word(entry.python)} {shlex.quote(bootstrap.BOOTSTRAP)} {size}")
         script = (line + "\n").encode()
         channel = connection.open_exec(bootstrap._DISPATCH.format(n=len(script)))
         channel.sendall(script)
@@ -250,28 +281,73 @@ def batch_script(entry: KernelEntry, job_dir: str) -> str:
                "startup_timeout": entry.startup_timeout}
     data = base64.encodebytes(payload + P.encode(P.BOOT, 0, 0, _marshal(request))).decode()
     lines = ["#!/bin/sh", f"# remote-kernel: kernel {entry.name!r} (no secret in this script)", "umask 077",
-             *_job_dir_lines(entry, job_dir)]
+             *_job_dir_lines(entry, job_dir), *_failure_lines(entry)]
     if entry.cwd:
         lines.append(f"cd -- {bootstrap.shell_word(entry.cwd)} || exit {bootstrap.CWD_FAILED_EXIT}")
     if entry.setup:
         lines.extend(bootstrap._bounded_setup(entry.setup, entry.startup_timeout))
     lines += [f"export {JOB_DIR_ENV}",
+              "shopt -s execfail 2>/dev/null  # bash as sh: a failed exec returns (and the trap runs)",
               f"exec {bootstrap.shell_word(entry.python)} -S -c {shlex.quote(BATCH_BOOTSTRAP)} {len(payload)} "
-              "<<'RK_PAYLOAD'", data.rstrip("\n"), "RK_PAYLOAD", ""]
+              "<<'RK_PAYLOAD' || exit $?", data.rstrip("\n"), "RK_PAYLOAD", ""]
     return "\n".join(lines)
 
 
-def _job_dir_lines(entry: KernelEntry, job_dir: str) -> list[str]:
-    """The shell twin of remote/spawn.py's base_path: the same root, then our k-* directory."""
+def step_script(entry: KernelEntry, job_dir: str) -> str:
+    """What /bin/sh runs in each srun step ($1 python, $2 the bootstrap, $3 the payload's size):
+    the agent code, or where that python is not there, what the agent's report_failed_job would
+    say (the job's script failed: python not found is the usual cause), in shell."""
+    failed, sock = f'"$d/{JOB_FAILED}"', '"$d/agent.sock"'
+    return "\n".join([
+        'command -v "$1" >/dev/null 2>&1 && exec "$1" -S -c "$2" "$3"',
+        *_job_root_lines(entry), f'd="$rk_base/{job_dir}"; rk_n=0',
+        f"while [ ! -e {failed} ] && [ ! -S {sock} ] && [ $rk_n -lt {_failed_wait(entry)} ]; do",
+        "  sleep 1; rk_n=$((rk_n + 1)); done",
+        f"if [ -e {failed} ]; then",
+        f"  echo \"remote-kernel: the job's script ended with status $(cat {failed}) before the agent started; "
+        'the end of $d/job.out:" >&2',
+        f'  tail -c {JOB_OUTPUT_TAIL} "$d/job.out" >&2; rm -f {failed}; exit {P.EXIT_JOB_FAILED}',
+        "fi",
+        f'echo "remote-kernel: $1 not found on $(uname -n)" >&2; exit {P.EXIT_NOT_FOUND}',
+    ])
+
+
+def _failed_wait(entry: KernelEntry) -> int:
+    return max(10, min(FAILED_JOB_WAIT, math.ceil(entry.startup_timeout)))
+
+
+def _failure_lines(entry: KernelEntry) -> list[str]:
+    """The job directory's first agent.json (so `gc` knows it for a job's: its agent is not there
+    yet while the setup lines run), and an EXIT trap (a successful exec of the agent drops it) that
+    leaves the exit status in job.failed and waits until the launcher's step has read the output's
+    tail (agent.py report_failed_job removes the file), at most FAILED_JOB_WAIT s."""
+    wait = _failed_wait(entry)
+    failed = f'"${JOB_DIR_ENV}/{JOB_FAILED}"'
+    return [
+        f"printf '{{\"kind\": \"job\", \"job_id\": \"%s\", \"host\": \"%s\"}}\\n' \"${{SLURM_JOB_ID:-}}\" "
+        f'"$(uname -n)" >"${JOB_DIR_ENV}/agent.json"',
+        f"rk_failed() {{ trap - EXIT; echo \"$1\" >{failed}; rk_n=0",
+        f"  while [ -e {failed} ] && [ $rk_n -lt {wait} ]; do sleep 1; rk_n=$((rk_n + 1)); done; exit \"$1\"; }}",
+        "trap 'rk_failed $?' EXIT",
+    ]
+
+
+def _job_root_lines(entry: KernelEntry) -> list[str]:
+    """The shell twin of remote/spawn.py's base_path: $rk_base, where our k-* directories are."""
     if entry.runtime_dir:
         root = entry.runtime_dir.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
         root = '"$HOME"' + root[1:] if root.startswith("~") else f'"{root}"'
-        first = [f"rk_root={root}", 'mkdir -p -m 700 "$rk_root" 2>/dev/null']
+        first = [f"rk_root={root}"]
     else:
         first = ['rk_root=${TMPDIR:-/tmp}',
                  'if [ ${#rk_root} -gt 40 ] || [ ! -d "$rk_root" ] || [ ! -w "$rk_root" ]; then rk_root=/tmp; fi']
-    return [*first,
-            'rk_base="$rk_root/remote-kernel-$(id -u)"',
+    return [*first, 'rk_base="$rk_root/remote-kernel-$(id -u)"']
+
+
+def _job_dir_lines(entry: KernelEntry, job_dir: str) -> list[str]:
+    """The job's private directory (the root made first where runtime_dir names it), its output."""
+    first = ['mkdir -p -m 700 "$rk_root" 2>/dev/null'] if entry.runtime_dir else []
+    return [*_job_root_lines(entry), *first,
             'mkdir -m 700 "$rk_base" 2>/dev/null',
             f'{JOB_DIR_ENV}="$rk_base/{job_dir}"',
             f'mkdir -m 700 "${JOB_DIR_ENV}" || exit 96',
@@ -324,6 +400,40 @@ def _end_hint(state: JobState) -> str:
     if state.state.startswith("CANCELLED"):
         return "the job was cancelled (scancel, or an administrator); start the kernel again"
     return "start the kernel again; see `scontrol show job` or `sacct -j` for the job's end"
+
+
+# ------------------------------------------------------------------- jobs waiting in the queue
+
+
+QUEUED_PREFIX = "slurm-queued-"
+
+
+def save_queued_job(host: str, job_id: str, entry: str) -> Path:
+    """A local record (Jupyter runtime dir, 0600) that this process waits for ``job_id``: if the
+    process dies, `gc` finds its PID dead and cancels the job while it is still PENDING."""
+    from remote_kernel import records
+    from remote_kernel.launcher import _jupyter_runtime_dir
+
+    path = _jupyter_runtime_dir() / "remote-kernel" / f"{QUEUED_PREFIX}{secrets.token_hex(8)}.json"
+    with contextlib.suppress(OSError):
+        records.write_private_json(path, {"pid": os.getpid(), "host": host, "job_id": job_id, "entry": entry})
+    return path
+
+
+def abandoned_jobs(runtime_dir: Path) -> dict[str, list[tuple[str, Path]]]:
+    """The queued jobs whose launcher died, by host label: (job id, its record)."""
+    from remote_kernel.launcher import pid_alive
+
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted((runtime_dir / "remote-kernel").glob(f"{QUEUED_PREFIX}*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            pid, host, job_id = int(record["pid"]), str(record["host"]), str(record["job_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not pid_alive(pid):
+            found.setdefault(host, []).append((job_id, path))
+    return found
 
 
 # ----------------------------------------------------------------- no resubmit loop after an end

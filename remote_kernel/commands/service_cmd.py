@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+STOP_WAIT = 20.0  # seconds `service stop` waits for the service to exit (it shuts its kernels down first)
+
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
@@ -28,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return server.main()
     from remote_kernel import console
     from remote_kernel.service import client
+    from remote_kernel.service import paths as service_paths
 
     try:
         answer = client.request("status", start=args.action == "start") if args.action != "stop" \
@@ -38,12 +41,20 @@ def run(args: argparse.Namespace) -> int:
         else:
             console.emit_line(f"the service is not running ({exc.message})")
         return EXIT_OK if args.action == "stop" else EXIT_FAILED
+    stopped = args.action == "stop" and client.wait_until_gone(service_paths.runtime_dir(), STOP_WAIT)
     if args.json:
-        console.emit_json("service", {"ok": True, "running": args.action != "stop", **_public(answer)})
+        console.emit_json("service", {"ok": args.action != "stop" or stopped, "running": args.action != "stop"
+                                      or not stopped, **_public(answer)})
     elif args.action == "stop":
-        console.emit_line(f"stopping the service (pid {answer.get('pid')}; {answer.get('kernels', 0)} kernel(s) "
-                          "shut down)")
-    else:
+        detached = int(answer.get("detached") or 0)
+        kept = f"; {detached} detached kernel(s) keep running on their hosts (`remote-kernel attach ID`)" \
+            if detached else ""
+        console.emit_line(f"{'stopped' if stopped else 'stopping'} the service (pid {answer.get('pid')}; "
+                          f"{answer.get('kernels', 0)} kernel(s) shut down{kept})")
+    if args.action == "stop" and not stopped:
+        console.emit_error(f"the service (pid {answer.get('pid')}) has not exited after {STOP_WAIT:g} s")
+        return EXIT_FAILED
+    if args.action != "stop":
         show_status(answer)
     return EXIT_OK
 

@@ -42,7 +42,7 @@ from remote_kernel.remote.spawn import (
 
 TYPE_CHECKING = False  # typing costs ~2 ms of the agent's start; annotations are strings
 if TYPE_CHECKING:
-    from typing import Any, Deque, Dict, List, Optional, Set
+    from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 READ_CHUNK = 256 * 1024
 UPLINK_CHUNK = 1024 * 1024
@@ -425,6 +425,7 @@ class Agent:
             "name": self.name, "agent_pid": os.getpid(), "kernel_pid": self.kernel.pid if self.kernel else None,
             "started": self.started_wall, "grace": self.grace, "python": sys.executable,
             "attached": self.uplink_r is not None, "detached_at": self.detached_wall,
+            "host": socket.gethostname(), "job_id": self.config.get("job_id"),
         }
         path = os.path.join(self.dir, AGENT_INFO)
         try:
@@ -992,15 +993,11 @@ class Agent:
             self._stop_kernel("stopped by a new launcher that took this kernel's place")
             sock.close()
             return
-        self._adopt_uplink(sock, acked, rest)
-
-    def _adopt_uplink(self, sock: socket.socket, acked: int, rest: bytes) -> None:
-        if self.uplink_r is not None:
         if fields.get("fresh"):
             self._rebase()
             acked = 0
-            self._detach("a new launcher connection replaced the old one")
-        self.uplink_sock = sock
+        self._adopt_uplink(sock, acked, rest)
+
     def _rebase(self) -> None:
         """A launcher that takes the kernel over (the old one died with its frame sequence: a
         killed service, a reboot, `remote-kernel attach`): its clients are new, so the old
@@ -1015,6 +1012,10 @@ class Agent:
         self.confirmed = True
         self._log("a new launcher took the kernel over")
 
+    def _adopt_uplink(self, sock: socket.socket, acked: int, rest: bytes) -> None:
+        if self.uplink_r is not None:
+            self._detach("a new launcher connection replaced the old one")
+        self.uplink_sock = sock
         self.uplink_r = self.uplink_w = sock.fileno()
         self.live.received(time.monotonic())
         if self.outage_since is not None:
@@ -1033,12 +1034,12 @@ class Agent:
         framers = [s.framer for s in self.streams.values() if s.framer is not None]
         return {
             "state": self.state.value, "dir": self.dir,
+            "kernel_pid": self.kernel.pid if self.kernel is not None else None,
+            "agent_pid": os.getpid(), "python": sys.version.split()[0],
             "dropped_messages": max([f.dropped for f in framers] or [0]),
             "dropped_lines": max([f.lines for f in framers] or [0]),
             "dropping": self._backlog() >= self.output_backlog,
             "output_backlog": self.output_backlog, "outage": self.outage_seconds,
-            "kernel_pid": self.kernel.pid if self.kernel is not None else None,
-            "agent_pid": os.getpid(), "python": sys.version.split()[0],
         }
 
     # ----------------------------------------------------------------------------- dropped output
@@ -1174,6 +1175,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 JOB_LINGER = 10.0  # seconds a job waits for a restart's new kernel once its last kernel ended
 BOOT_LIMIT = 1024 * 1024  # bytes of a BOOT frame's payload (the launcher's is ~1 KiB)
+JOB_PREFIX = "rk-"  # the names of our jobs (backends/slurm.py: rk-<entry>-<short id>)
+JOB_KIND = "job"  # agent.json "kind" of a job's own directory (its main process, not a kernel's agent)
+JOB_FAILED = "job.failed"  # the job's script failed before its agent listened (backends/slurm.py)
+JOB_OUTPUT = "job.out"  # the job's script's output (cd, setup lines, python)
+JOB_OUTPUT_TAIL = 4000  # bytes of it shown to the launcher
+SLURM_TIMEOUT = 5.0  # one squeue/scancel run by `ps`/`gc` (the launcher reads the answer within 10 s)
 
 
 def _attach_dir(config: Dict[str, Any]) -> str:
@@ -1186,11 +1193,37 @@ def _attach_dir(config: Dict[str, Any]) -> str:
     deadline = time.monotonic() + float(config.get("wait") or 0)
     while True:
         for base in _bases(config.get("runtime_dir")):
-            if os.path.exists(os.path.join(base, name, AGENT_SOCKET)):
-                return os.path.join(base, name)
+            for mark in (AGENT_SOCKET, JOB_FAILED):  # the agent listens, or the script failed first
+                if os.path.exists(os.path.join(base, name, mark)):
+                    return os.path.join(base, name)
         if time.monotonic() >= deadline:
             return os.path.join(base_path(None), name)
         time.sleep(0.1)
+
+
+def report_failed_job(directory: str) -> int:
+    """A batch job whose script failed before its agent listened (cd, a setup line, python not
+    found): the tail of its output goes to the launcher (stderr); removing the marker tells the
+    script, which waits for this, that it may end the job."""
+    marker = os.path.join(directory, JOB_FAILED)
+    status, tail = _read_tail(marker, 64).strip(), _read_tail(os.path.join(directory, JOB_OUTPUT), JOB_OUTPUT_TAIL)
+    sys.stderr.write("remote-kernel: the job's script ended with status %s before the agent started; "
+                     "the end of %s:\n%s" % (status, os.path.join(directory, JOB_OUTPUT), tail))
+    try:
+        os.unlink(marker)
+    except OSError:
+        pass
+    return P.EXIT_JOB_FAILED
+
+
+def _read_tail(path: str, size: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return "(cannot read it: %s)\n" % (exc.strerror or exc)
 
 
 def hold(started: Started) -> int:
@@ -1209,6 +1242,7 @@ def hold(started: Started) -> int:
     listener.listen(CANDIDATE_LIMIT)
     children: List[int] = []
     wait, idle_since = float(started.config.get("startup_timeout") or 60), time.monotonic()
+    told = -1
     try:
         while not stopping:
             children = [pid for pid in children if not _reaped(pid)]
@@ -1216,6 +1250,9 @@ def hold(started: Started) -> int:
                 wait, idle_since = JOB_LINGER, time.monotonic()
             elif time.monotonic() - idle_since > wait:
                 break
+            if len(children) != told:
+                told = len(children)
+                _write_job_info(started, told)
             if select.select([listener], [], [], LOOP_TICK)[0]:
                 children += _boot_from(listener)
     finally:
@@ -1227,6 +1264,26 @@ def hold(started: Started) -> int:
 
             shutil.rmtree(started.dir, ignore_errors=True)
     return 0
+
+
+def _write_job_info(started: Started, kernels: int) -> None:
+    """The job directory's agent.json (the script wrote a first one): `ps`/`gc` on the login node
+    see this process, how many kernels it runs, on which host (its PID means nothing elsewhere)."""
+    info = {"kind": JOB_KIND, "name": started.config.get("name"), "agent_pid": os.getpid(),
+            "started": started.config.setdefault("started", time.time()), "host": socket.gethostname(),
+            "job_id": _batch_job_id(), "kernels": kernels}
+    path = os.path.join(started.dir, AGENT_INFO)
+    try:
+        if os.path.lexists(path + ".tmp"):
+            os.unlink(path + ".tmp")
+        write_private(path + ".tmp", json.dumps(info).encode())
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a full disk: ps shows the script's first record; the job runs on
+
+
+def _batch_job_id() -> str:
+    return os.environ.get("SLURM_JOB_ID", "")
 
 
 def _reaped(pid: int, wait: float = 0.0) -> bool:
@@ -1258,6 +1315,7 @@ def _boot_from(listener: socket.socket) -> List[int]:
     if not isinstance(config, dict) or config.get("mode") != "start":
         sock.close()
         return []
+    config["job_id"] = _batch_job_id()  # in its agent.json: gc ends the job when its lease ends
     pid = os.fork()
     if pid:
         sock.close()
@@ -1343,37 +1401,153 @@ def _agent_info(path: str) -> Dict[str, Any]:
     except (OSError, ValueError):
         info["stale"] = True
     pid = info.get("agent_pid")
-    info["alive"] = pid is not None and _is_agent(int(pid))
+    if info.get("host") not in (None, socket.gethostname()):
+        info["alive"] = None  # a batch job's, on another node (a shared runtime_dir): unknown here
+    else:
+        info["alive"] = pid is not None and _is_agent(int(pid))
     return info
 
 
 STALE_MIN_AGE = 60.0  # never touch a directory younger than this: its agent may be starting
 
 
-def collect_garbage(dry_run: bool, runtime_dir: Any = None) -> List[Dict[str, Any]]:
-    """Remove directories whose agent is gone; stop agents orphaned well past their lease."""
-    actions = []
+def collect_garbage(dry_run: bool, runtime_dir: Any = None, slurm: Optional[Dict[str, Any]] = None,
+                    abandoned: Any = ()) -> List[Dict[str, Any]]:
+    """Remove directories whose agent is gone; stop agents orphaned well past their lease. With
+    ``slurm`` (our jobs in squeue: slurm_jobs()), the directories of batch jobs are judged by their
+    job instead, and jobs of ours nothing will use again are cancelled (job_actions)."""
     now = time.time()
-    for info in list_agents(runtime_dir):
-        path = info["dir"]
-        try:
-            age = now - os.lstat(path).st_mtime
-        except OSError:
-            continue
-        if not info["alive"] and age > STALE_MIN_AGE:
-            actions.append({"action": "remove-stale-dir", "dir": path, "name": info.get("name")})
-            if not dry_run and is_our_dir(path):
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
-        elif info["alive"] and not info.get("attached") and info.get("detached_at") is not None:
-            overdue = now - float(info["detached_at"]) - float(info.get("grace", 300))
-            if overdue > 30:
-                actions.append({"action": "stop-orphan", "dir": path, "name": info.get("name"),
-                                "agent_pid": info.get("agent_pid"), "kernel_pid": info.get("kernel_pid")})
-                if not dry_run:
-                    os.kill(int(info["agent_pid"]), signal.SIGTERM)  # it stops its kernel and cleans up
+    infos = list_agents(runtime_dir)
+    jobs = (slurm or {}).get("jobs")
+    actions = []
+    for info in infos:
+        if info.get("kind") == JOB_KIND or (jobs is not None and info.get("job_id")):
+            continue  # a batch job's directory: only its job's state tells whether it is in use
+        action = _dir_action(info, now)
+        if action is not None:
+            actions.append(_apply(action, dry_run))
+    if jobs is not None:
+        actions += job_actions(jobs, infos, {str(job) for job in abandoned}, now, dry_run)
     return actions
+
+
+def _dir_action(info: Dict[str, Any], now: float) -> Optional[Dict[str, Any]]:
+    path = info["dir"]
+    try:
+        age = now - os.lstat(path).st_mtime
+    except OSError:
+        return None
+    if info["alive"] is False and age > STALE_MIN_AGE:
+        return {"action": "remove-stale-dir", "dir": path, "name": info.get("name")}
+    if info["alive"] and not info.get("attached") and info.get("detached_at") is not None:
+        overdue = now - float(info["detached_at"]) - float(info.get("grace", 300))
+        if overdue > 30:
+            return {"action": "stop-orphan", "dir": path, "name": info.get("name"),
+                    "agent_pid": info.get("agent_pid"), "kernel_pid": info.get("kernel_pid")}
+    return None
+
+
+def _apply(action: Dict[str, Any], dry_run: bool) -> Dict[str, Any]:
+    if dry_run:
+        return action
+    kind = action["action"]
+    if kind in ("remove-stale-dir", "remove-job-dir") and is_our_dir(action["dir"]):
+        import shutil
+
+        shutil.rmtree(action["dir"], ignore_errors=True)
+    elif kind == "stop-orphan":
+        os.kill(int(action["agent_pid"]), signal.SIGTERM)  # it stops its kernel and cleans up
+    elif kind == "cancel-job":
+        error = _slurm_command(["scancel", str(action["job_id"])])[1]
+        if error:
+            action["error"] = error
+    return action
+
+
+def job_actions(jobs: List[Dict[str, str]], infos: List[Dict[str, Any]], abandoned: Set[str], now: float,
+                dry_run: bool) -> List[Dict[str, Any]]:
+    """Cancel our jobs (by name) that nothing will use again, with the directories of theirs we see
+    here; remove the directories of our jobs that ended. A job whose directories are not visible
+    from here (the default: /tmp of its compute node) is left to its own ending (the lease, then
+    JOB_LINGER), except a PENDING one whose launcher is known to be gone (``abandoned``)."""
+    actions = []
+    for job in jobs:
+        why = _cancel_reason(job, infos, abandoned, now)
+        if why:
+            actions.append(_apply({"action": "cancel-job", "job_id": job["id"], "name": job["name"],
+                                   "state": job["state"], "node": job["node"], "why": why}, dry_run))
+            actions += [_apply(_job_dir_action(info), dry_run) for info in infos
+                        if str(info.get("job_id") or "") == job["id"]]
+    active = {job["id"] for job in jobs}
+    for info in infos:
+        ended = info.get("job_id") and str(info["job_id"]) not in active and info["alive"] is not True
+        if ended and _age(info["dir"], now) > STALE_MIN_AGE:
+            actions.append(_apply(_job_dir_action(info), dry_run))
+    return actions
+
+
+def _cancel_reason(job: Dict[str, str], infos: List[Dict[str, Any]], abandoned: Set[str], now: float) -> str:
+    if job["state"] == "PENDING":
+        return "its launcher is gone (the job waited in the queue)" if job["id"] in abandoned else ""
+    if job["state"] != "RUNNING":
+        return ""
+    mine = [info for info in infos if str(info.get("job_id") or "") == job["id"]]
+    holder = [info for info in mine if info.get("kind") == JOB_KIND]
+    kernels = [info for info in mine if info.get("kind") != JOB_KIND]
+    if holder and holder[0].get("agent_pid") and holder[0]["alive"] is False:
+        return "its main process is gone"
+    if kernels and all(_lease_ended(info, now) for info in kernels):
+        return "the lease of its kernel ended (no launcher came back)"
+    return ""
+
+
+def _lease_ended(info: Dict[str, Any], now: float) -> bool:
+    if info["alive"] is False:
+        return True
+    detached = info.get("detached_at")
+    return not info.get("attached") and detached is not None and now >= float(detached) + float(info.get("grace", 300))
+
+
+def _job_dir_action(info: Dict[str, Any]) -> Dict[str, Any]:
+    return {"action": "remove-job-dir", "dir": info["dir"], "name": info.get("name"), "job_id": info.get("job_id")}
+
+
+def _age(path: str, now: float) -> float:
+    try:
+        return now - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def slurm_jobs() -> Dict[str, Any]:
+    """Our jobs (named rk-*) in squeue, for `ps`/`gc`: {"jobs": [...]}, or {"error": why}."""
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    output, error = _slurm_command(["squeue", "-h", "-u", user, "-o", "%i|%j|%T|%N|%L|%r"])
+    if error:
+        return {"error": error}
+    jobs = []
+    for line in output.splitlines():
+        parts = line.strip().split("|", 5)
+        if len(parts) == 6 and parts[1].startswith(JOB_PREFIX):
+            jobs.append(dict(zip(("id", "name", "state", "node", "left", "reason"), parts)))  # noqa: B905 - 3.8
+    return {"jobs": jobs}
+
+
+def _slurm_command(argv: List[str]) -> Tuple[str, str]:
+    """(stdout, "") or ("", what went wrong): a Slurm client command, bounded."""
+    import subprocess
+
+    try:
+        result = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=SLURM_TIMEOUT)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return "", "%s: %s" % (argv[0], exc)
+    if result.returncode != 0:
+        detail = result.stderr.decode("utf-8", "replace").strip()[-300:]
+        return "", "%s exited %d: %s" % (argv[0], result.returncode, detail)
+    return result.stdout.decode("utf-8", "replace"), ""
 
 
 def _is_agent(pid: int) -> bool:
@@ -1400,18 +1574,31 @@ def main(started: Started) -> int:
     if mode == "start":
         return Agent(config).run(started)
     if mode == "attach":
-        return splice(_attach_dir(config), started.leftover)
+        directory = _attach_dir(config)
+        if config.get("job_dir") and os.path.exists(os.path.join(directory, JOB_FAILED)):
+            return report_failed_job(directory)
+        return splice(directory, started.leftover)
     if mode == "await":
         return hold(started)
-    if mode == "list":
-        sys.stdout.write(json.dumps({"now": time.time(), "agents": list_agents(config.get("runtime_dir"))}) + "\n")
-        return 0
-    if mode == "gc":
-        actions = collect_garbage(bool(config.get("dry_run")), config.get("runtime_dir"))
-        sys.stdout.write(json.dumps({"now": time.time(), "actions": actions}) + "\n")
+    if mode in ("list", "gc"):
+        sys.stdout.write(json.dumps(inventory(config)) + "\n")
         return 0
     sys.stderr.write("remote-kernel: unknown mode %r\n" % mode)
     return P.EXIT_BAD_REQUEST
+
+
+def inventory(config: Dict[str, Any]) -> Dict[str, Any]:
+    """`ps` (``list``) and `gc` answers; with ``slurm``, our jobs in squeue too (same session)."""
+    slurm = slurm_jobs() if config.get("slurm") else None
+    answer: Dict[str, Any] = {"now": time.time()}
+    if config.get("mode") == "list":
+        answer["agents"] = list_agents(config.get("runtime_dir"))
+    else:
+        answer["actions"] = collect_garbage(bool(config.get("dry_run")), config.get("runtime_dir"), slurm,
+                                            config.get("abandoned_jobs") or ())
+    if slurm is not None:
+        answer["slurm"] = slurm
+    return answer
 
 
 def parse_hello(buffer: bytearray) -> Optional[Any]:

@@ -256,7 +256,7 @@ class HostedLaunch:
         if self.channel is not None:
             self.channel.close()
         try:
-            _wait_until_gone(paths.private_dir(paths.runtime_dir()), OLD_SERVICE_WAIT)
+            wait_until_gone(paths.private_dir(paths.runtime_dir()), OLD_SERVICE_WAIT)
             self.channel = ensure()
             request = {**self._request(), "connection_file": str(self.ready["connection_file"]), "adopt": adopt}
             self.channel.send(request)
@@ -292,9 +292,10 @@ class HostedLaunch:
             f"{self.entry.reconnect_grace:g} s", hint="restart the kernel; it starts a new service")
 
 
-def _wait_until_gone(directory: Path, timeout: float) -> None:
-    """Until the dead service's process is gone: a killed process's listening socket can still
-    take a connection while its descriptors are being closed (its pid lock goes with it)."""
+def wait_until_gone(directory: Path, timeout: float) -> bool:
+    """Until the service's process is gone (False: still there after ``timeout``): a killed
+    process's listening socket can still take a connection while its descriptors are being
+    closed; its pid lock goes with it."""
     deadline = time.monotonic() + timeout
     fd = os.open(paths.pid_path(directory), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -303,11 +304,11 @@ def _wait_until_gone(directory: Path, timeout: float) -> None:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
                 if time.monotonic() > deadline:
-                    return
+                    return False
                 time.sleep(0.05)
                 continue
             fcntl.flock(fd, fcntl.LOCK_UN)
-            return
+            return True
     finally:
         os.close(fd)
 

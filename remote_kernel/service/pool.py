@@ -212,6 +212,18 @@ class Pool:
             if seen is not None and slot.attempts != seen and slot.needs is None and slot.last_error is not None:
                 raise slot.last_error  # the attempt we waited for failed: its error is ours too
 
+    def held(self, host: HostEntry) -> Lease | None:
+        """A lease on a live connection already held to ``host``, or None: never a new one (a
+        one-shot query must not prompt, nor leave a connection behind)."""
+        with self._lock:
+            slot = self._slots.get(host_key(host))
+        if slot is None:
+            return None
+        with slot.cond:
+            self._forget_dead(slot)
+            live = [link for link in slot.links if not link.full] or slot.links
+        return self._lease(slot, live[0], NobodyPrompter(host)) if live else None
+
     def _live_or_wait(self, slot: Slot, prompter: Any, deadline: float, verify: bool) -> tuple[Link | None, int | None]:
         """(a live link, None) | (None, None): connect now | (None, attempts seen): waited, look again."""
         with slot.cond:

@@ -214,8 +214,9 @@ class Service:
 
     def _op_stop(self, channel: Channel, request: dict[str, Any]) -> None:
         with self._lock:
-            count = len(self.kernels)
-        channel.send({"event": "stopping", "pid": os.getpid(), "kernels": count})
+            detached = sum(1 for k in self.kernels.values() if k.get("detached"))
+            count = len(self.kernels) - detached
+        channel.send({"event": "stopping", "pid": os.getpid(), "kernels": count, "detached": detached})
         self.stopping.set()
 
     def _op_login(self, channel: Channel, request: dict[str, Any]) -> None:
@@ -232,6 +233,26 @@ class Service:
     def _op_logout(self, channel: Channel, request: dict[str, Any]) -> None:
         host = HostEntry.from_dict(request["host"])
         channel.send({"event": "done", "host": host.name, "kernels": self.pool.logout(host)})
+
+    def _op_query(self, channel: Channel, request: dict[str, Any]) -> None:
+        """`ps`/`gc`'s remote query on the connection held to the host (a host that needs a
+        one-time code is asked nothing); "none" when there is no such connection: the command
+        connects by itself, as without a service."""
+        from remote_kernel import inventory
+
+        target = inventory.HostTarget.from_dict(request["target"])
+        lease = self.pool.held(target.host)
+        if lease is None:
+            channel.send({"event": "none"})
+            return
+        try:
+            answer = inventory.query_connection(lease, target, request["request"])
+        except RemoteKernelError as exc:
+            channel.send(_error_event(exc))
+            return
+        finally:
+            lease.close()
+        channel.send({"event": "answer", "answer": answer})
 
     def _op_serve(self, channel: Channel, request: dict[str, Any]) -> None:
         entry = KernelEntry.from_dict(request["entry"])
@@ -324,26 +345,6 @@ class Service:
         code = kernel.wait()
         error = kernel.error
         channel.send({**(_error_event(error) if error is not None else {}), "event": "exit", "code": code})
-
-
-class RelayPrompter:
-    """Asks through the `login` conversation: the question goes to the user's terminal, the typed
-    answer comes back (never logged). The end of the conversation is "no answer"."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-        self._lock = threading.Lock()  # one question at a time
-
-    def ask(self, host: str, prompt: str, *, echo: bool, kind: str, instructions: str = "") -> str | None:
-        with self._lock:
-            if not self.channel.send({"event": "prompt", "host": host, "prompt": prompt, "echo": echo,
-                                      "kind": kind, "instructions": instructions}):
-                return None
-            reply = self.channel.receive()
-        if reply is None or reply.get("op") != "answer" or not isinstance(reply.get("text"), str):
-            return None
-        text: str = reply["text"]
-        return text
 
 
 class DetachedKernels:
@@ -495,6 +496,26 @@ def _stop_if_asker_leaves(channel: Channel, kernel: HostedKernel, ready: threadi
         kernel.terminate()
 
 
+class RelayPrompter:
+    """Asks through the `login` conversation: the question goes to the user's terminal, the typed
+    answer comes back (never logged). The end of the conversation is "no answer"."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._lock = threading.Lock()  # one question at a time
+
+    def ask(self, host: str, prompt: str, *, echo: bool, kind: str, instructions: str = "") -> str | None:
+        with self._lock:
+            if not self.channel.send({"event": "prompt", "host": host, "prompt": prompt, "echo": echo,
+                                      "kind": kind, "instructions": instructions}):
+                return None
+            reply = self.channel.receive()
+        if reply is None or reply.get("op") != "answer" or not isinstance(reply.get("text"), str):
+            return None
+        text: str = reply["text"]
+        return text
+
+
 def _relay_control(channel: Channel, kernel: HostedKernel) -> None:
     """The argv launcher's signals; its end (closed, killed) stops the kernel at once."""
     while True:
@@ -512,6 +533,25 @@ def _relay_control(channel: Channel, kernel: HostedKernel) -> None:
             kernel.terminate()
         elif op == "signal" and isinstance(message.get("signum"), int):
             kernel.send_signal(int(message["signum"]))
+
+
+def _takeover_record(kernel: HostedKernel) -> dict[str, Any] | None:
+    """What the argv launcher keeps (in memory only) to have a new service take the kernel over
+    if this one dies: where the agent is and its token. It travels on the 0600, same-uid socket."""
+    locator = kernel.locator
+    if locator is None:
+        return None
+    return {"host": locator.host, "dir": locator.dir, "token": kernel.token, "job_id": locator.job_id,
+            "job_dir": locator.job_dir}
+
+
+def _adoption(data: Any) -> Adoption | None:
+    """A ``serve`` request's ``adopt``: the restart record of a kernel whose service died."""
+    if not isinstance(data, dict):
+        return None
+    locator = Locator(kind="slurm" if data.get("job_id") else "ssh", host=str(data["host"]), dir=str(data["dir"]),
+                      job_id=data.get("job_id"), job_dir=data.get("job_dir"))
+    return Adoption(locator=locator, token=str(data["token"]))
 
 
 def _error_event(exc: RemoteKernelError) -> dict[str, Any]:
@@ -534,25 +574,6 @@ def _setup_logging(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-def _takeover_record(kernel: HostedKernel) -> dict[str, Any] | None:
-    """What the argv launcher keeps (in memory only) to have a new service take the kernel over
-    if this one dies: where the agent is and its token. It travels on the 0600, same-uid socket."""
-    locator = kernel.locator
-    if locator is None:
-        return None
-    return {"host": locator.host, "dir": locator.dir, "token": kernel.token, "job_id": locator.job_id,
-            "job_dir": locator.job_dir}
-
-
-def _adoption(data: Any) -> Adoption | None:
-    """A ``serve`` request's ``adopt``: the restart record of a kernel whose service died."""
-    if not isinstance(data, dict):
-        return None
-    locator = Locator(kind="slurm" if data.get("job_id") else "ssh", host=str(data["host"]), dir=str(data["dir"]),
-                      job_id=data.get("job_id"), job_dir=data.get("job_dir"))
-    return Adoption(locator=locator, token=str(data["token"]))
-
-
     level = logging.DEBUG if os.environ.get("REMOTE_KERNEL_SERVICE_DEBUG") else logging.INFO
     handler.setLevel(level)
     root = logging.getLogger()
