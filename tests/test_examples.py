@@ -17,7 +17,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 def test_the_promised_examples_exist() -> None:
     names = {path.name for path in EXAMPLES}
     assert {"minimal.toml", "lab-server.toml", "hpc-bastion.toml", "conda.toml", "spyder.toml",
-            "ci-provision.toml", "forward.toml"} <= names
+            "ci-provision.toml", "forward.toml", "long-lived.toml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
