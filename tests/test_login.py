@@ -8,6 +8,7 @@ namespace of its own; the codes are computed from the test's secret (RFC 6238).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -87,6 +88,14 @@ def test_login_answers_the_code_once_and_three_kernels_share_its_connection(
         assert connection["kernels"] == 3
         assert connection["auth"] == "publickey+keyboard-interactive"
         assert connection["login"] is True
+        # ps and gc ask the host over the service's connection: no code asked, no new connection
+        connections = totp_sshd.log_path.read_text().count("Connection from ")
+        listed = run_cli(["ps", "--host", "lab", "--json"])
+        assert listed.returncode == 0, listed.stderr
+        # (the "remote" host is this machine: other tests' kernels of this uid are listed too)
+        assert {"k0", "k1", "k2"} <= {row["name"] for row in json.loads(listed.stdout)["kernels"]}
+        assert run_cli(["gc", "--host", "lab", "--dry-run"]).returncode == 0
+        assert totp_sshd.log_path.read_text().count("Connection from ") == connections
     assert totp_sshd.keyboard_interactive_attempts() == 1
     assert run_cli(["logout", "lab"]).returncode == 0
     assert service_status()["connections"] == []

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "stop" and not stopped:
         console.emit_error(f"the service (pid {answer.get('pid')}) has not exited after {STOP_WAIT:g} s")
         return EXIT_FAILED
-    if args.action != "stop":
+    if args.action != "stop" and not args.json:  # --json: the document above is all of stdout
         show_status(answer)
     return EXIT_OK
 
