@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -219,6 +220,9 @@ def open_notebook_on(server: JupyterServer, kernel_id: str) -> dict[str, Any]:
 
 def test_a_server_started_with_allow_external_kernels_lists_a_detached_kernel_by_its_entry_name_and_runs_code(
         detached: dict[str, Any], tmp_path: Path) -> None:
+    connection_file = Path(detached["connection_file"])
+    assert connection_file.parent == Path(os.environ["JUPYTER_RUNTIME_DIR"]) / "external_kernels"
+    assert json.loads(connection_file.read_text())["kernel_name"] == ENTRY
     with jupyter_server(server_root(tmp_path / "plain")) as server:
         assert listed(server) == []  # without the option a server adopts nothing
     with adopting_server(tmp_path / "lab") as server:
