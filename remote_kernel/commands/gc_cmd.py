@@ -74,6 +74,7 @@ def forget_told_records(answers: list[Any], abandoned: dict[str, list[tuple[str,
 def _row(action: dict[str, Any]) -> list[str]:
     where = str(action.get("dir") or action.get("path") or "")
     if action["action"] == "cancel-job":
-        where = f"job {action['job_id']} ({action['state']} on {action.get('node') or '-'}): {action['why']}"
+        node = f" on {action['node']}" if action.get("node") else ""
+        where = f"job {action['job_id']} ({action['state']}{node}): {action['why']}"
         where += f"; failed: {action['error']}" if action.get("error") else ""
     return [action["host"], action["action"], str(action.get("name") or ""), where]
