@@ -120,8 +120,11 @@ def new_connection_info(listeners: dict[str, socket.socket]) -> ConnectionInfo:
 
 
 def write_connection_file(path: Path, info: ConnectionInfo, kernel_name: str) -> None:
-    """Create ``path`` 0600 (it holds the HMAC key) atomically; its directory is made 0700."""
-    records.write_private_json(path, info.to_dict(kernel_name), indent=1)
+    """Create ``path`` 0600 (it holds the HMAC key) atomically; its directory is made 0700. In
+    jupyter_server's external_kernels directory the temp file is made beside it, not in it: the
+    server adopts every file there that parses as a connection file."""
+    staging = path.parent.parent if path.parent.name == "external_kernels" else None
+    records.write_private_json(path, info.to_dict(kernel_name), indent=1, staging=staging)
 
 
 def default_connection_file(runtime_dir: Path, host: HostEntry) -> Path:

@@ -132,16 +132,18 @@ def _type_name(hint: Any) -> str:
 # --- private files ------------------------------------------------------------------------------
 
 
-def write_private(path: Path, content: str) -> None:
+def write_private(path: Path, content: str, *, staging: Path | None = None) -> None:
     """Write ``path`` so that only its owner can ever read it, atomically.
 
     The directory is created 0700 if missing (an existing one is the user's and is left as it is);
     the temp file is created 0600 with O_EXCL (never an existing file or a planted symlink), and
     replaces ``path`` only once complete. Its name is random so that kernels served by one process
     (the provisioner) never collide, and does not end in .json (``gc`` globs the records).
+    ``staging``: write the temp file there instead (same file system), for a directory that
+    another program reads file by file (jupyter_server's external_kernels would adopt it).
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    temporary = (staging or path.parent) / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -153,8 +155,8 @@ def write_private(path: Path, content: str) -> None:
         raise
 
 
-def write_private_json(path: Path, data: Any, *, indent: int | None = None) -> None:
-    write_private(path, json.dumps(data, indent=indent))
+def write_private_json(path: Path, data: Any, *, indent: int | None = None, staging: Path | None = None) -> None:
+    write_private(path, json.dumps(data, indent=indent), staging=staging)
 
 
 def save_stderr_log(runtime_dir: Path, kernel_name: str, lines: list[str]) -> Path | None:

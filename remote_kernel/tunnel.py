@@ -629,8 +629,21 @@ class Tunnel:
             self._lost(uplink, "the SSH channel closed")
             return
         self._live.received(time.monotonic())
-        for frame in self._decoder.feed(data):
-            self._on_frame(frame)
+        try:
+            for frame in self._decoder.feed(data):
+                self._on_frame(frame)
+        except P.ProtocolError as exc:
+            self._corrupt(uplink, exc)
+
+    def _corrupt(self, uplink: Uplink, exc: P.ProtocolError) -> None:
+        """A stream that stopped making sense: before the agent's first frame it is the remote
+        login printing (the launcher says so); later it ends this connection, never the kernel:
+        the reattach re-sends whole frames from both ends, as after any drop (the agent does the
+        same with a corrupt launcher stream)."""
+        if self._receiver.received == 0:
+            raise exc
+        log.warning("the agent's stream is corrupt (%s): reconnecting", exc)
+        self._lost(uplink, f"the agent's stream is corrupt ({exc})")
 
     def _from_uplink(self, uplink: Uplink, data: bytes) -> None:
         """(paramiko's transport thread) One SSH packet of the agent's output: parse and deliver
@@ -647,6 +660,13 @@ class Tunnel:
                 for frame in self._decoder.feed(data):
                     self._on_frame(frame)
                 wake = self._wake_pump or before < RELEASE_STEP <= self._unreleased  # once per grant
+        except P.ProtocolError as exc:
+            try:
+                self._corrupt(uplink, exc)
+            except P.ProtocolError:
+                self._failure = exc
+                self._events.put(Crashed(exc))
+            return
         except BaseException as exc:  # never into paramiko's thread: it would end the connection
             log.debug("delivering the agent's output failed", exc_info=True)
             self._failure = exc

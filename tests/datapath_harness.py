@@ -235,6 +235,7 @@ class Faulty:
         self.cut_done = False
         self._truncate_send: int | None = None
         self._truncate_recv: int | None = None
+        self._garble_recv = False
         self._out_decoder = P.FrameDecoder()
         self._in_decoder = P.FrameDecoder()
         inner.transform = self._incoming
@@ -250,6 +251,10 @@ class Faulty:
 
     def truncate_next_recv(self, keep: int) -> None:
         self._truncate_recv = keep
+
+    def garble_next_recv(self) -> None:
+        """The next bytes from the agent come after garbage (a corrupt stream, the link still up)."""
+        self._garble_recv = True
 
     # the Uplink protocol
     def fileno(self) -> int:
@@ -304,6 +309,9 @@ class Faulty:
             keep, self._truncate_recv = min(self._truncate_recv, len(data) - 1), None
             self.cut()
             return data[:keep]
+        if self._garble_recv:
+            self._garble_recv = False
+            return b"\xfe" * 32 + data
         return self._duplicated(self._in_decoder.feed(data)) if self.duplicate else data
 
     def _duplicated(self, frames: list[P.Frame]) -> bytes:

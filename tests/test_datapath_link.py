@@ -161,6 +161,23 @@ def test_datapath_without_a_launcher_the_lease_runs_out_and_the_kernel_is_stoppe
         rig.close()
 
 
+def test_datapath_a_corrupt_stream_from_the_agent_ends_the_connection_not_the_kernel() -> None:
+    rig = Rig()
+    try:
+        rig.start()
+        shell = rig.client("shell")
+        assert rig.uplink is not None
+        rig.uplink.garble_next_recv()
+        shell.sendall(b"before")
+        lost = rig.wait_for(LinkLost)
+        assert "corrupt" in lost.data
+        rig.reattach()
+        shell.sendall(b"after")
+        assert read_exactly(shell, len(b"beforeafter")) == b"beforeafter"
+    finally:
+        rig.close()
+
+
 OPS = st.lists(st.one_of(
     st.tuples(st.just("send"), st.integers(0, 2), st.integers(1, 300_000)),
     st.tuples(st.just("drop"), st.just(0), st.just(0)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ def client_for(path: str) -> BlockingKernelClient:
 
 @pytest.fixture
 def detached(config: Path) -> Iterator[dict[str, Any]]:
-    started = cli_json(config, "start", "lab", "--detach")
+    started = cli_json(config, "start", "lab", "--detach", "--lease", "5m")  # a leak cleans itself up
     yield started
     run_cli(["--config", str(config), "stop", started["id"]], timeout=60)
 
@@ -95,6 +96,10 @@ def test_a_detached_kernel_survives_its_service_and_is_attached_again_with_its_s
         kc.stop_channels()
     [row] = detached_rows(config)
     assert (row["id"], row["entry"], row["state"]) == (detached["id"], "lab", "attached")
+    # `ps` needs no config file to list detached kernels.
+    without_config = run_cli(["--json", "ps"])
+    assert without_config.returncode == 0, without_config.stderr
+    assert [r["id"] for r in json.loads(without_config.stdout)["detached"]] == [detached["id"]]
 
     # "Reboot": the service (which served the kernel's ports) is killed; nothing local is left running.
     pid = testing.service_pid(service_dir())
@@ -125,8 +130,6 @@ def test_a_detached_kernel_survives_its_service_and_is_attached_again_with_its_s
 
 def test_attach_serves_new_ports_when_the_old_ones_are_taken_and_says_so(
         config: Path, detached: dict[str, Any]) -> None:
-    import socket
-
     path = detached["connection_file"]
     old = json.loads(Path(path).read_text())
     pid = testing.service_pid(service_dir())
@@ -135,7 +138,8 @@ def test_attach_serves_new_ports_when_the_old_ones_are_taken_and_says_so(
     assert wait_until(lambda: not pid_alive(pid), timeout=10)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    squatter.bind(("127.0.0.1", old["shell_port"]))
+    # The killed service's listener may linger a moment after its process is gone.
+    assert wait_until(lambda: _bound(squatter, old["shell_port"]), timeout=10)
     squatter.listen(1)
     try:
         result = run_cli(["--config", str(config), "attach", detached["id"]], timeout=90)
@@ -150,6 +154,14 @@ def test_attach_serves_new_ports_when_the_old_ones_are_taken_and_says_so(
             kc.stop_channels()
     finally:
         squatter.close()
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 def test_interrupt_stops_the_running_cell_and_the_kernel_lives(config: Path, detached: dict[str, Any]) -> None:

@@ -297,3 +297,22 @@ def test_an_unreadable_restart_record_is_no_record(tmp_path: Path, content: str)
     path.write_text(content)
     assert records.load_restart_record(path) is None
     assert records.load_restart_record(tmp_path / "absent.json") is None
+
+
+def test_a_connection_file_in_external_kernels_is_staged_outside_that_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # jupyter_server adopts every file in external_kernels that parses as a connection file: a
+    # temp file there, listed between its write and the rename, would be a ghost kernel.
+    from remote_kernel.connection import ConnectionInfo, write_connection_file
+
+    moves: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(records.os, "replace", lambda src, dst: (moves.append((Path(src), Path(dst))),
+                                                                 real_replace(src, dst)))
+    path = tmp_path / "runtime" / "external_kernels" / "kernel-rk-lab-1.json"
+    ports = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+    write_connection_file(path, ConnectionInfo(ports=ports, key="k"), "lab")
+    [(source, target)] = moves
+    assert target == path and source.parent == tmp_path / "runtime"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert json.loads(path.read_text())["kernel_name"] == "lab"

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from remote_kernel import console, inventory
     from remote_kernel.errors import EXIT_FAILED, EXIT_OK
 
-    answers = inventory.ask_hosts(host_targets(args), {"mode": "list"})
+    targets = _targets_if_configured(args)
+    answers = inventory.ask_hosts(targets, {"mode": "list"}) if targets else []
     failures = report_failures(answers, inventory.slurm_failures(answers))
     rows = inventory.describe_agents(answers)
     service = service_status()
@@ -89,6 +90,24 @@ def report_failures(answers: list[Any], more: list[dict[str, str]] | None = None
     for failure in failures:
         console.emit_error(f"{failure['host']}: {failure['error']}")
     return failures
+
+
+def _targets_if_configured(args: argparse.Namespace) -> list[Any]:
+    """The configured hosts; none (said on stderr) when no config file is found and none was
+    named: the service and the detached kernels need no config file."""
+    import logging
+
+    from remote_kernel.config import discover_config_path
+    from remote_kernel.errors import ConfigError
+
+    if not getattr(args, "config", None) and not args.host:
+        try:
+            discover_config_path(None)
+        except ConfigError:
+            logging.getLogger(__name__).warning(
+                "no config file found: listing only the per-user service and detached kernels")
+            return []
+    return host_targets(args)
 
 
 def host_targets(args: argparse.Namespace) -> list[Any]:

@@ -465,10 +465,16 @@ class Agent:
         if self.state is not AgentState.EXITED:
             return False
         delivered = self.sender.unacked_bytes == 0 and not len(self.outbox)
+        # The end of our output is the launcher's acknowledgement (OpenSSH ends a session the same
+        # way): once EXITED is written to a live uplink, exit instead of waiting a round trip for
+        # its ACK. Lost in a drop at that very moment, the launcher's reattach finds the kernel
+        # gone (EXIT_ATTACH_GONE) instead of its exit code.
+        written = self.uplink_w is not None and not len(self.outbox) and not self.wire
         # A replaced kernel's launcher is gone for good (SIGKILLed by a restart), so the EXITED
         # frame cannot be delivered: do not wait out the lease for it.
         # Nor when we were told to stop (SIGTERM from `gc` or the system): nobody waits for it.
-        return delivered or self.replaced or self.abandoned or self.terminate_requested or self._lease_expired()
+        return (delivered or written or self.replaced or self.abandoned or self.terminate_requested
+                or self._lease_expired())
 
     def _lease_expired(self) -> bool:
         return time.monotonic() - self.live.last_rx > self.grace
