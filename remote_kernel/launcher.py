@@ -32,6 +32,7 @@ from remote_kernel.entry import KernelEntry
 from remote_kernel.errors import EXIT_OK, HostKeyError, LaunchError, RemoteKernelError
 from remote_kernel.forward import Forward, bind_forward, channel_for, parse_forward
 from remote_kernel.protocol import EXIT_ATTACH_GONE, EXIT_JOB_FAILED, EXIT_NOT_FOUND
+from remote_kernel.signals import RELAYED_SIGNALS, STOP_SIGNALS
 from remote_kernel.tunnel import IDLE_PING, Attached, Crashed, Event, Exited, LinkLost, Log, Ready, Stderr, Tunnel
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ PROBE_INTERVAL = 5.0  # while starting, ask sshd for a reply this often (no agen
 PROBE_TIMEOUT = 15.0  # ... and call the link dead after this long without one
 AGENT_NOTE = "agent: "
 DEFAULT_PING = 15.0
-RELAYED_SIGNALS = {signal.SIGINT: "interrupt"}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Phase(enum.Enum):

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-import secrets
 import types
 import typing
 from collections.abc import Mapping
@@ -143,6 +141,8 @@ def write_private(path: Path, content: str, *, staging: Path | None = None) -> N
     another program reads file by file (jupyter_server's external_kernels would adopt it).
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    import secrets  # here: ~4 ms of every argv launcher's start, which writes no file
+
     temporary = (staging or path.parent) / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -193,6 +193,8 @@ class RestartRecord(Record):
 
 def restart_record_path(runtime_dir: Path, connection_file: Path) -> Path:
     """Keyed by the connection file, which Jupyter keeps across a restart."""
+    import hashlib  # here, as secrets above
+
     digest = hashlib.sha256(str(connection_file.resolve()).encode()).hexdigest()[:24]
     return runtime_dir / RECORDS_DIR / f"{digest}.json"
 

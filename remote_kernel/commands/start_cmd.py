@@ -100,7 +100,6 @@ def _serve(entry: Any, connection_file: Path | None, announce: Any) -> int:
     import logging
 
     from remote_kernel import service
-    from remote_kernel.launcher import Launcher
 
     if service.enabled():
         from jupyter_core.paths import jupyter_runtime_dir
@@ -113,6 +112,8 @@ def _serve(entry: Any, connection_file: Path | None, announce: Any) -> int:
         except ServiceUnavailable as exc:
             logging.getLogger(__name__).info("serving kernel %s in this process: the per-user service is not "
                                              "available (%s)", entry.name, exc.message)
+    from remote_kernel.launcher import Launcher  # the data path's modules: only when served here
+
     return Launcher(entry, connection_file, announce=announce).run()
 
 

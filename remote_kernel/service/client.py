@@ -18,6 +18,7 @@ from typing import Any
 from remote_kernel.errors import RemoteKernelError
 from remote_kernel.service import paths
 from remote_kernel.service.wire import Channel, WireError, peer_uid
+from remote_kernel.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ class HostedLaunch:
         self.took_over = False
 
     def run(self) -> int:
-        from remote_kernel.launcher import STOP_SIGNALS
-
         self.channel = ensure()
         self.channel.send(self._request())
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, *STOP_SIGNALS)}
