@@ -498,5 +498,5 @@ def _state(pid: int) -> str:
 def pattern(stream: int, size: int) -> bytes:
     """``size`` bytes that name their stream and offset (never starting with 0xFF: iopub relays
     them untouched), so a lost, repeated or reordered chunk shows in a comparison."""
-    block = b"".join(b"%02d:%010d;" % (stream % 100, offset) for offset in range(0, size + 16, 16))
+    block = b"".join(b"%02d:%010d;" % (stream % 100, offset) for offset in range(0, size + 14, 14))  # 14-byte blocks
     return block[:size]

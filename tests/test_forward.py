@@ -366,7 +366,7 @@ def test_datapath_a_forward_delivers_every_byte_the_remote_server_sent_before_it
 
 
 def test_datapath_a_forward_client_that_never_reads_holds_up_no_kernel_channel(rig: Rig) -> None:
-    sent = pattern(8, 60_000_000)
+    sent = pattern(8, 1_000_000) + bytes(59_000_000)  # compared: the first 1 MB (a 60 MB pattern took 3 s)
     with sending_server(sent) as remote:
         stalled = forward_client(rig, remote)  # a slow browser: takes nothing
         stalled.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -374,6 +374,7 @@ def test_datapath_a_forward_client_that_never_reads_holds_up_no_kernel_channel(r
         for channel in ("shell", "control", "iopub"):
             rig.echo(channel, pattern(1, 300_000))
         assert read_exactly(stalled, 1_000_000) == sent[:1_000_000]  # and it flows when read
+        stalled.close()  # the server's sendall then fails instead of waiting out its thread's join
 
 
 # --- ad hoc: `remote-kernel forward` for a kernel the per-user service runs ----------------------------------
