@@ -28,8 +28,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+import pytest
 
 from remote_kernel import bootstrap, connection
 from remote_kernel import protocol as P
@@ -500,3 +502,15 @@ def pattern(stream: int, size: int) -> bytes:
     them untouched), so a lost, repeated or reordered chunk shows in a comparison."""
     block = b"".join(b"%02d:%010d;" % (stream % 100, offset) for offset in range(0, size + 14, 14))  # 14-byte blocks
     return block[:size]
+
+
+@pytest.fixture(name="rig", params=[False, True], ids=["pump-reads", "transport-delivers"])
+def rig_fixture(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """A started Rig, once with the pump reading the uplink and once with transport-thread
+    delivery (import ``rig_fixture`` into a test module to use ``rig``)."""
+    rig = Rig(deliver=request.param)
+    try:
+        rig.start()
+        yield rig
+    finally:
+        rig.close()

@@ -9,25 +9,16 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterator
 
-import pytest
-from datapath_harness import WAIT, Rig, pattern, read_exactly, session
+from datapath_harness import WAIT, Rig, pattern, read_exactly, rig_fixture, session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from remote_kernel import protocol as P
 from remote_kernel.tunnel import RELEASE_STEP, Attached, LinkLost
 
+__all__ = ["rig_fixture"]  # fixtures used here
 
-@pytest.fixture(params=[False, True], ids=["pump-reads", "transport-delivers"])
-def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
-    rig = Rig(deliver=request.param)
-    try:
-        rig.start()
-        yield rig
-    finally:
-        rig.close()
 
 
 def test_datapath_every_channel_echoes_each_byte_once_and_in_order(rig: Rig) -> None:

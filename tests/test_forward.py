@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import SSHDFactory
-from datapath_harness import WAIT, Rig, pattern, read_exactly
+from datapath_harness import WAIT, Rig, pattern, read_exactly, rig_fixture  # noqa: F401 - fixture rig
 from launch_helpers import (
     connect_client,
     execute,
@@ -311,15 +311,6 @@ def fetch_size(port: int, path: str) -> int:
 
 # --- at our seam: the real agent and tunnel joined by pipes (datapath_harness.py), no sshd ----------------
 
-
-@pytest.fixture(params=[False, True], ids=["pump-reads", "transport-delivers"])
-def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
-    rig = Rig(deliver=request.param)
-    try:
-        rig.start()
-        yield rig
-    finally:
-        rig.close()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "service runs the kernel is attached already. Output printed while nothing was attached is "
                     "not replayed.",
     )
+    add_kernel_argument(parser)
+
+
+def add_kernel_argument(parser: argparse.ArgumentParser) -> None:
+    """ID|NAME, shared by attach, stop and interrupt."""
     parser.add_argument("kernel", metavar="ID|NAME", help="a detached kernel's id (`remote-kernel ps`), or its "
                                                           "entry's name when only one of that entry is detached")
 

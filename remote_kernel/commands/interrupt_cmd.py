@@ -13,8 +13,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "lives). Clients that attach with --existing, and JupyterLab for a kernel it adopted, cannot "
                     "interrupt a kernel they did not start: this can.",
     )
-    parser.add_argument("kernel", metavar="ID|NAME", help="a detached kernel's id (`remote-kernel ps`), or its "
-                                                          "entry's name when only one of that entry is detached")
+    from remote_kernel.commands.attach_cmd import add_kernel_argument
+
+    add_kernel_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                     "kernel gets SIGTERM, then SIGKILL after 3 s; its record and connection file are removed. A "
                     "kernel that is no longer on its host (its lease ended) is just forgotten.",
     )
-    parser.add_argument("kernel", metavar="ID|NAME", help="a detached kernel's id (`remote-kernel ps`), or its "
-                                                          "entry's name when only one of that entry is detached")
+    from remote_kernel.commands.attach_cmd import add_kernel_argument
+
+    add_kernel_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

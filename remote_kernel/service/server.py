@@ -539,19 +539,15 @@ def _takeover_record(kernel: HostedKernel) -> dict[str, Any] | None:
     """What the argv launcher keeps (in memory only) to have a new service take the kernel over
     if this one dies: where the agent is and its token. It travels on the 0600, same-uid socket."""
     locator = kernel.locator
-    if locator is None:
-        return None
-    return {"host": locator.host, "dir": locator.dir, "token": kernel.token, "job_id": locator.job_id,
-            "job_dir": locator.job_dir}
+    return None if locator is None else {"locator": locator.to_dict(), "token": kernel.token}
 
 
 def _adoption(data: Any) -> Adoption | None:
-    """A ``serve`` request's ``adopt``: the restart record of a kernel whose service died."""
+    """A ``serve`` request's ``adopt``: what _takeover_record gave the launcher of a kernel whose
+    service died."""
     if not isinstance(data, dict):
         return None
-    locator = Locator(kind="slurm" if data.get("job_id") else "ssh", host=str(data["host"]), dir=str(data["dir"]),
-                      job_id=data.get("job_id"), job_dir=data.get("job_dir"))
-    return Adoption(locator=locator, token=str(data["token"]))
+    return Adoption(locator=Locator.from_dict(data["locator"]), token=str(data["token"]))
 
 
 def _error_event(exc: RemoteKernelError) -> dict[str, Any]:
