@@ -48,6 +48,8 @@ from typing import Any
 
 import run as bench  # bench/run.py: the harness, specs, ControlMaster, report helpers
 
+SPARE_MARKER = "remote-kernel-spare"  # bootstrap.SPARE_MARKER (a base tree of ab.py may not have it)
+
 VARIANTS = ("local", "openssh", "cm", "ours", "ours2")
 LABELS = {"local": "local", "openssh": "OpenSSH -L", "cm": "OpenSSH, warm CM", "ours": "remote-kernel",
           "ours2": "remote-kernel, 2nd kernel"}
@@ -230,6 +232,18 @@ class Started:
     km: Any
     kc: Any
     watch: list[int] = field(default_factory=list)
+    kernel: int = 0  # the kernel's pid ...
+    agent: int = 0  # ... and its parent's (our agent; 0 for OpenSSH)
+
+    def kept_spare(self, pid: int) -> bool:
+        """A spare kernel (or its agent) the service keeps on purpose for the next start, as a
+        ControlMaster keeps its connection: not left behind by this kernel (its own kernel and
+        agent, when it took a spare, carry the marker too and are not excused)."""
+        if pid in (self.kernel, self.agent):
+            return False
+        with contextlib.suppress(OSError):
+            return SPARE_MARKER.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return False
 
 
 def process_name(pid: int) -> str:
@@ -267,7 +281,14 @@ def start(run: Run, variant: str, rtt: float, samples: bench.Samples) -> Started
     added = set(descendants_of(sshd_pid)) - before
     if keeps_connection(variant, run.service):
         added = {pid for pid in added if process_name(pid) != "sshd"}
-    return Started(km, kc, [km.provisioner.process.pid, kernel_pid(kc), *added])
+    kernel = kernel_pid(kc)
+    return Started(km, kc, [km.provisioner.process.pid, kernel, *added], kernel=kernel, agent=parent_pid(kernel))
+
+
+def parent_pid(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return 0
 
 
 def shutdown_until_gone(started: Started, samples: bench.Samples | None) -> None:
@@ -278,10 +299,10 @@ def shutdown_until_gone(started: Started, samples: bench.Samples | None) -> None
     began = time.perf_counter()
     started.km.shutdown_kernel(now=False)
     deadline = began + GONE_TIMEOUT
-    left = [pid for pid in started.watch if not process_gone(pid)]
+    left = [pid for pid in started.watch if not process_gone(pid) and not started.kept_spare(pid)]
     while left and time.perf_counter() < deadline:
         time.sleep(0.005)
-        left = [pid for pid in left if not process_gone(pid)]
+        left = [pid for pid in left if not process_gone(pid) and not started.kept_spare(pid)]
     if samples is not None:
         samples.add("gone", time.perf_counter() - began)
         if left:
@@ -414,7 +435,7 @@ class Report:
         rtts = " / ".join(f"{rtt:g}" for rtt in self.args.rtt)
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         versions = ", ".join(f"{name} {value}" for name, value in bench.versions().items())
-        sample = self.results[self.args.rtt[0], "ours"].values
+        sample = self.results[self.args.rtt[0], self.variants[-1]].values  # any variant: the same counts
         absent = "" if "ours2" in self.variants else (
             " remote-kernel has no `service` command in this tree: no second-kernel column.")
         lines = [

@@ -359,14 +359,50 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+SPARE_MARKER = b"remote-kernel-spare"  # bootstrap.SPARE_MARKER: on a spare's agent and kernel
+SHELLS = frozenset(("sh", "bash", "dash", "zsh"))
+
+
 def relay_pids(km: Any, kc: Any, remote: set[int]) -> list[int]:
     """The processes between client and kernel: ssh or our launcher, and of ``remote`` (what this
-    kernel's login added under sshd: its session processes, our agent) all but the kernel."""
-    msg_id = kc.execute("import os as _os; print(_os.getpid())")
-    kernel_pid = int(wait_idle(kc, msg_id, until="stream")["content"]["text"])
+    kernel's login added under sshd: its session processes, our agent) all but the kernel, and but
+    a spare kernel the service made after this start (issue 14) and its agent: they wait for the
+    next start, they relay nothing (its own agent and kernel, if this start took a spare, carry the
+    marker too)."""
+    msg_id = kc.execute("import os as _os; print(_os.getpid(), _os.getppid())")
+    kernel_pid, agent_pid = map(int, wait_idle(kc, msg_id, until="stream")["content"]["text"].split())
     wait_idle(kc, msg_id)
     drain_shell(kc)
-    return [km.provisioner.process.pid, *(pid for pid in remote if pid != kernel_pid)]
+    mine = {kernel_pid, agent_pid}
+    return [km.provisioner.process.pid, *(pid for pid in remote
+                                         if pid != kernel_pid and (pid in mine or SPARE_MARKER not in _cmdline(pid)))]
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
+
+
+def settled_descendants(sshd_pid: int, timeout: float = 3.0) -> set[int]:
+    """What runs under sshd once no login shell is left in it: a start's shell execs the agent,
+    a spare's too (made in the background just after a start), and only then do command lines say
+    what each process is (bounded: a shell that stays is reported as it is)."""
+    from sshd import descendants_of
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = set(descendants_of(sshd_pid))
+        shells = [pid for pid in pids if _comm(pid) in SHELLS]
+        if not shells or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.02)
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
 
 
 def timed_with_cpu(kc: Any, code: str, cells: int, *, samples: Samples, metric: str, pids: list[int]) -> None:
@@ -416,7 +452,7 @@ def data_path(order: list[str], log: Any, execs: int, results: dict[str, Samples
         for variant in order:
             before = set(descendants_of(sshd_pid))
             km, kc = stack.enter_context(kernel(variant, log, results[variant]))
-            remote = set(descendants_of(sshd_pid)) - before
+            remote = settled_descendants(sshd_pid) - before
             relay = relay_pids(km, kc, remote) if variant != "local" else []
             relay += (shared_relay or {}).get(variant, [])
             if variant == "ours":

@@ -77,7 +77,7 @@ def agent_payload() -> bytes:
 
 def agent_input(request: dict[str, Any]) -> bytes:
     """What a session's stdin starts with: the agent program, then the BOOT frame with ``request``."""
-    return agent_payload() + P.encode(P.BOOT, 0, 0, marshal.dumps(request, P.BOOT_MARSHAL_VERSION))
+    return agent_payload() + boot_frame(request)
 
 
 def shell_word(value: str) -> str:
@@ -116,10 +116,10 @@ SETUP_TIMEOUT_NOTE = "remote-kernel: setup lines still running after"
 
 
 def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = True,
-                   setup_budget: float | None = None) -> RemoteCommand:
+                   setup_budget: float | None = None, spare: bool = False) -> RemoteCommand:
     """The exec request and the script it runs: ``cd`` to cwd, the setup lines (no stdin of
     ours, stopped after ``setup_budget`` seconds, default startup_timeout), then exec the agent's
-    bootstrap."""
+    bootstrap (``spare``: a spare's agent, SPARE_MARKER on its command line too)."""
     lines: list[str] = []
     if with_cwd and entry.cwd:
         target = shell_word(entry.cwd)
@@ -130,7 +130,8 @@ def remote_command(entry: KernelEntry, *, payload_size: int, with_cwd: bool = Tr
         lines.extend(_bounded_setup(entry.setup, budget))
     # -S: the agent needs only the standard library, and a site-packages with many .pth files
     # (conda) can take longer than the agent itself (the kernel is started without -S).
-    lines.append(f"exec {shell_word(entry.python)} -S -c {shlex.quote(BOOTSTRAP)} {payload_size}")
+    bootstrap = BOOTSTRAP + f"# {SPARE_MARKER}\n" if spare else BOOTSTRAP
+    lines.append(f"exec {shell_word(entry.python)} -S -c {shlex.quote(bootstrap)} {payload_size}")
     script = ("\n".join(lines) + "\n").encode("utf-8")
     return RemoteCommand(exec=_DISPATCH.format(n=len(script)), script=script)
 
@@ -165,6 +166,78 @@ def kernel_argv(entry: KernelEntry) -> list[str]:
     else:
         argv = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     return argv + list(entry.kernel_args)
+
+
+# A spare kernel (issue 14): the per-user service keeps one kernel of an entry started ahead, so the
+# next start of that entry skips the kernel's imports (ipykernel, IPython, zmq, debugpy: ~0.3-0.5 s
+# of a ~0.6 s start). This program does those imports, waits for its connection file's path on
+# stdin, then runs as `python -m ipykernel_launcher -f PATH KERNEL_ARGS` would (sys.path, sys.argv
+# alike). If a directory on sys.path changed since it began (a package installed or removed), it
+# execs exactly that command instead: a spare never runs older code than a plain start would. What
+# the imports print (debugpy's frozen-modules note) is dropped, as a plain start's kernel sends it
+# to its own not yet subscribed iopub. Python 3.8+.
+SPARE_MARKER = "remote-kernel-spare"
+SPARE_KERNEL = f"""# {SPARE_MARKER}
+import os, sys
+if sys.path and sys.path[0] in ("", os.getcwd()):
+    del sys.path[0]  # as ipykernel_launcher does; IPython puts the working directory back
+def _rk_stamps():
+    stamps = []
+    for entry in sys.path:
+        try:
+            stamps.append(os.stat(entry or ".").st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return stamps
+_rk_before = _rk_stamps()
+_rk_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+try:
+    import importlib.util
+    _rk_launcher = importlib.util.find_spec("ipykernel_launcher").origin
+    from ipykernel import kernelapp as _rk_app
+    for _rk_name in ("ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.debugger", "sqlite3"):
+        try:
+            __import__(_rk_name)
+        except Exception:
+            pass
+except Exception:
+    _rk_app = None  # a plain start says why, below
+finally:
+    sys.stderr.close()
+    sys.stderr = _rk_stderr
+_rk_line = b""
+while not _rk_line.endswith(b"\\n"):
+    _rk_chunk = os.read(0, 4096)
+    if not _rk_chunk:
+        sys.exit(0)  # the spare was given up
+    _rk_line += _rk_chunk
+_rk_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_rk_null, 0)
+os.close(_rk_null)
+_rk_args = ["-f", _rk_line[:-1].decode("utf-8")] + sys.argv[1:]
+if _rk_app is None or _rk_stamps() != _rk_before:
+    os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher"] + _rk_args)
+sys.argv = [_rk_launcher] + _rk_args
+_rk_app.launch_new_instance()
+"""
+
+
+def spare_eligible(entry: KernelEntry) -> bool:
+    """Whether ``entry`` may have a spare: ipykernel's default command (SPARE_KERNEL knows how
+    it starts; another kernel's, not), on the host itself (a Slurm kernel's job is its own)."""
+    return entry.spare_kernel and entry.command is None and entry.slurm is None
+
+
+def spare_request(entry: KernelEntry, wait: float) -> dict[str, Any]:
+    """The BOOT request of a spare: the kernel command without a connection file; ``wait``: how
+    long the spare waits for a start before it ends itself."""
+    return {"mode": "spare", "name": entry.name, "argv": ["{python}", "-c", SPARE_KERNEL, *entry.kernel_args],
+            "env": dict(entry.env), "runtime_dir": entry.runtime_dir, "spare_wait": wait}
+
+
+def boot_frame(request: dict[str, Any]) -> bytes:
+    """The second BOOT frame a spare reads: the real start's request (key and token: the start's own)."""
+    return P.encode(P.BOOT, 0, 0, marshal.dumps(request, P.BOOT_MARSHAL_VERSION))
 
 
 @dataclass(frozen=True)

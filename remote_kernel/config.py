@@ -153,6 +153,9 @@ class KernelSettings(BaseModel):
     detached_lease: _Seconds | None = _described(
         'a duration greater than 0 (how long a detached kernel waits with nobody attached): seconds, or a '
         'string like "12h", "3d"')
+    spare_kernel: bool | None = _described(
+        "true or false: whether the per-user service keeps one kernel of this entry started ahead (its imports "
+        "done, no code run) while it serves one, so the next start or restart skips them (default true)")
     launcher: _Launcher | None = _described(
         f"one of {', '.join(map(json.dumps, LAUNCHERS))} (how Jupyter starts the kernel)")
     forward: list[_ForwardItem] | None = _described(

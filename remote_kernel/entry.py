@@ -147,6 +147,7 @@ class KernelEntry(Record):
     launcher: str = "argv"
     slurm: SlurmSettings | None = None  # set: the kernel runs in a Slurm job
     forward: tuple[str, ...] = ()  # remote ports reached locally: "REMOTE" or "REMOTE:LOCAL" (forward.py)
+    spare_kernel: bool = True  # the per-user service keeps one kernel of this entry started ahead
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -156,6 +157,8 @@ class KernelEntry(Record):
             del data["forward"]  # the same
         if data.get("detached_lease") == DEFAULT_DETACHED_LEASE:
             del data["detached_lease"]  # the same
+        if data.get("spare_kernel") is True:
+            del data["spare_kernel"]  # the same
         return {"schema": ENTRY_SCHEMA, **data}
 
     @classmethod

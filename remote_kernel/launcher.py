@@ -117,9 +117,10 @@ class Launcher:
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *,
                  announce: Callable[[Path, KernelEntry], None] | None = None,
                  runtime_dir: Path | None = None, connector: Connector | None = None,
-                 adopt: Adoption | None = None) -> None:
+                 adopt: Adoption | None = None, spare: Any = None) -> None:
         self.entry = entry
         self.adoption = adopt
+        self.spare = spare  # service.spares.Spare: a kernel of this entry started ahead, to take
         self.connector: Connector = connector or DirectConnector()
         self.backend: Backend = backend_for(entry)
         self.locator: Locator | None = None
@@ -305,18 +306,38 @@ class Launcher:
             "replace": self._previous_kernel(),
             "runtime_dir": self.entry.runtime_dir, "output_backlog": self.entry.output_backlog,
         }
-        conn = self._connect(start=True)
-        budget = self.state.startup_deadline - STARTUP_MARGIN - time.monotonic()
-        channel = self.backend.start(conn, self.entry, hello, setup_budget=budget)
+        channel = self._take_spare(hello) if self.spare is not None else None
+        if channel is None:
+            conn = self._connect(start=True)
+            budget = self.state.startup_deadline - STARTUP_MARGIN - time.monotonic()
+            channel = self.backend.start(conn, self.entry, hello, setup_budget=budget)
         if self.backend.started_at is not None:  # a batch job: startup_timeout counts from its start
             self.state.startup_deadline = self.backend.started_at + self.entry.startup_timeout + STARTUP_MARGIN
         channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
         self._tunnel.attach(channel)
         self._tunnel.start()
-        if self.entry.setup:
+        if self.spare is not None:
+            progress.info("starting the kernel (%s, its imports done ahead by a spare)", self.entry.python)
+        elif self.entry.setup:
             progress.info("running %d setup line%s", len(self.entry.setup), "s" if len(self.entry.setup) > 1 else "")
         else:
             progress.info("starting the kernel (%s)", self.entry.python)
+
+    def _take_spare(self, hello: dict[str, Any]) -> Any:
+        """The spare's agent (its kernel imported, waiting) gets this start's request: the key and
+        token are this start's own. Its connection is the host's shared one, already held."""
+        spare, self.spare = self.spare, None
+        try:
+            channel = spare.go(hello)
+        except RemoteKernelError as exc:  # it ended just now: start as if there had been none
+            log.info("the spare kernel of %s on %s ended (%s); starting one afresh", self.entry.name,
+                     self.entry.host.label, exc.message)
+            spare.discard()
+            return None
+        self.spare, self.ssh = spare, spare.lease
+        progress.info("connected to %s (a spare kernel waited there since %s)", self.entry.host.label,
+                      time.strftime("%H:%M:%S", time.localtime(spare.since)))
+        return channel
 
     def _adopt_remote(self) -> None:
         """Take over a kernel whose local end died: a fresh attach (both sequences start again;
@@ -830,10 +851,10 @@ class RemoteKernel:
     come back from ``wait_ready`` (or ``error``), never as a signal or a process exit."""
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None = None, *,
-                 runtime_dir: Path | None = None, adopt: Adoption | None = None) -> None:
+                 runtime_dir: Path | None = None, adopt: Adoption | None = None, spare: Any = None) -> None:
         self.entry = entry
         self._launcher = Launcher(entry, connection_file, announce=self._announce, runtime_dir=runtime_dir,
-                                  adopt=adopt)
+                                  adopt=adopt, spare=spare)
         self._ready = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None

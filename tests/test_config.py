@@ -592,6 +592,7 @@ SAMPLE_SETTINGS: dict[str, tuple[str, object]] = {
     "runtime_dir": ('"/scratch/alice"', "/scratch/alice"),
     "output_backlog": ('"8MiB"', 8 << 20),
     "detached_lease": ('"12h"', 43200.0),
+    "spare_kernel": ("false", False),
     "launcher": ('"provisioner"', "provisioner"),
     "slurm": ('{ time = "1:00:00" }', SlurmSettings(time="1:00:00")),
     "forward": ('[8787, "6006:16006"]', ("8787", "6006:16006")),

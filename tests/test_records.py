@@ -67,9 +67,9 @@ def test_an_entry_survives_the_trip_through_kernel_json(entry: KernelEntry) -> N
 
 
 def test_every_field_of_kernel_entry_and_host_entry_is_in_to_dict() -> None:
-    # slurm, forward and detached_lease: left out when unset (default)
+    # slurm, forward, detached_lease and spare_kernel: left out when unset (default)
     entry = dataclasses.replace(full_entry(), slurm=SlurmSettings(time="1:00:00"), forward=("8787",),
-                                detached_lease=3600.0)
+                                detached_lease=3600.0, spare_kernel=False)
     assert set(entry.to_dict()) == {"schema"} | {field.name for field in dataclasses.fields(KernelEntry)}
     assert KernelEntry.from_dict(entry.to_dict()) == entry
     assert set(entry.host.to_dict()) == {field.name for field in dataclasses.fields(HostEntry)}
@@ -178,7 +178,7 @@ def test_a_field_added_to_the_host_changes_the_entry_fingerprint() -> None:
 @pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(KernelEntry)])
 def test_changing_any_one_field_changes_the_fingerprint(name: str) -> None:
     entry = dataclasses.replace(full_entry(), slurm=SlurmSettings(time="1:00:00"), forward=("8787",),
-                                detached_lease=3600.0)
+                                detached_lease=3600.0, spare_kernel=False)
     other = minimal_entry()
     changed = dataclasses.replace(entry, **{name: getattr(other, name)})
     assert changed.fingerprint() != entry.fingerprint()

@@ -29,7 +29,8 @@ class DirectBackend:
 
     def start(self, connection: Any, entry: KernelEntry, request: dict[str, Any], *,
               setup_budget: float | None = None) -> Any:
-        channel = self._exec(connection, entry, start=True, setup_budget=setup_budget)
+        channel = self._exec(connection, entry, start=True, setup_budget=setup_budget,
+                             spare=request.get("mode") == "spare")
         # The key and token travel on stdin, inside the encrypted session; never in argv. The
         # remote command can end before it reads them (python not found: exit 127; a missing cwd):
         # the caller learns why from the channel's exit status and stderr, not from this send.
@@ -50,13 +51,14 @@ class DirectBackend:
     def locator(self, entry: KernelEntry, ready: dict[str, Any]) -> Locator:
         return Locator(kind=self.kind, host=entry.host.label, dir=str(ready["dir"]))
 
-    def _exec(self, connection: Any, entry: KernelEntry, *, start: bool, setup_budget: float | None = None) -> Any:
+    def _exec(self, connection: Any, entry: KernelEntry, *, start: bool, setup_budget: float | None = None,
+              spare: bool = False) -> Any:
         """The exec channel with the dispatcher's script sent. ``start=False`` (attach, query)
         leaves out the ``cd`` and the setup lines: the agent code needs only the python.
         ``setup_budget``: seconds the setup lines may run (what is left of startup_timeout)."""
         began = time.monotonic()
         command = bootstrap.remote_command(entry, payload_size=len(bootstrap.agent_payload()), with_cwd=start,
-                                           setup_budget=setup_budget)
+                                           setup_budget=setup_budget, spare=spare)
         channel = connection.open_exec(command.exec)
         channel.sendall(command.script)
         log.debug("exec channel on %s: %.0f ms", entry.host.label, (time.monotonic() - began) * 1000)

@@ -34,6 +34,7 @@ from remote_kernel.remote.spawn import (
     AgentError,
     KernelProcess,
     Started,
+    await_go,
     base_path,
     is_our_dir,
     no_room_message,
@@ -1577,13 +1578,12 @@ def main(started: Started) -> int:
     """Stage two: ``started`` is what spawn.begin() read (and, in start mode, started)."""
     config = started.config
     mode = config.get("mode")
-    if mode == "start":
+    if mode in ("start", "spare"):  # a spare: a kernel started ahead, waiting to be taken
+        if mode == "spare" and not _spare_taken(started):
+            return 1 if started.error else 0
         return Agent(config).run(started)
     if mode == "attach":
-        directory = _attach_dir(config)
-        if config.get("job_dir") and os.path.exists(os.path.join(directory, JOB_FAILED)):
-            return report_failed_job(directory)
-        return splice(directory, started.leftover)
+        return _attach(config, started.leftover)
     if mode == "await":
         return hold(started)
     if mode in ("list", "gc"):
@@ -1591,6 +1591,22 @@ def main(started: Started) -> int:
         return 0
     sys.stderr.write("remote-kernel: unknown mode %r\n" % mode)
     return P.EXIT_BAD_REQUEST
+
+
+def _attach(config: Dict[str, Any], leftover: bytes) -> int:
+    directory = _attach_dir(config)
+    if config.get("job_dir") and os.path.exists(os.path.join(directory, JOB_FAILED)):
+        return report_failed_job(directory)
+    return splice(directory, leftover)
+
+
+def _spare_taken(started: Started) -> bool:
+    """A spare kernel (started ahead, waiting): True once a start took it; False when it could
+    not start (said on stderr: the service drops a spare whose session ended) or was given up."""
+    if started.error:
+        sys.stderr.write("remote-kernel: cannot start a spare kernel: %s\n" % started.error)
+        return False
+    return await_go(started)
 
 
 def inventory(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -10,6 +10,10 @@ everything else while the kernel imports. It reads the session's BOOT frame, and
   file there, IPC endpoints;
 - stops the kernel a ``restart(now=True)`` left behind (its agent's socket, the token proves it);
 - starts the kernel as the leader of its own session with JPY_PARENT_PID set to us.
+In ``spare`` mode (the per-user service keeps one kernel of an entry started ahead, issue 14) it
+starts the kernel command without a connection file (bootstrap.SPARE_KERNEL: the kernel's imports,
+then a wait for the file's path on its stdin) and ``await_go`` later reads the second BOOT frame,
+the real start's request, writes the connection file and lets the kernel go on.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Started:
         self.dir = ""
         self.kernel: Optional[KernelProcess] = None
         self.error = ""  # why the kernel could not be started
+        self.go = -1  # spare mode: the write end of the waiting kernel's stdin (its connection file's path)
 
 
 # --------------------------------------------------------------------------------------- files
@@ -208,10 +213,13 @@ def write_connection_file(directory: str, config: Dict[str, Any]) -> str:
 
 
 def json_object(fields: Dict[str, Any]) -> str:
-    """json.dumps for a flat object of strings and integers (the connection file), without json."""
+    """json.dumps for a flat object of strings, integers and booleans (the connection file), without json."""
     items = []
     for name, value in fields.items():
-        text = str(value) if isinstance(value, int) else json_string(str(value))
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value) if isinstance(value, int) else json_string(str(value))
         items.append(json_string(name) + ": " + text)
     return "{" + ", ".join(items) + "}"
 
@@ -254,14 +262,15 @@ def find_executable(name: str, env: Dict[str, str]) -> str:
     raise AgentError("cannot run %s: not found on PATH" % name)
 
 
-def spawn_kernel(argv: List[str], env: Dict[str, str]) -> KernelProcess:
-    """fork + exec, the kernel leading a new session, stdin from /dev/null, stdout/stderr to pipes.
-    An exec failure comes back as AgentError (through a close-on-exec pipe, like subprocess)."""
+def spawn_kernel(argv: List[str], env: Dict[str, str], stdin: int = -1) -> KernelProcess:
+    """fork + exec, the kernel leading a new session, stdin from /dev/null (or ``stdin``),
+    stdout/stderr to pipes. An exec failure comes back as AgentError (through a close-on-exec
+    pipe, like subprocess)."""
     executable = find_executable(argv[0], env)
     out_r, out_w = os.pipe()  # os.pipe() fds are close-on-exec (PEP 446)
     err_r, err_w = os.pipe()
     check_r, check_w = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY)
+    devnull = os.open(os.devnull, os.O_RDONLY) if stdin < 0 else os.dup(stdin)
     pid = os.fork()
     if pid == 0:  # the child: only async-signal-safe work until exec
         try:
@@ -308,12 +317,107 @@ def start_kernel(started: Started) -> None:
         connection_file = write_connection_file(started.dir, config)
     except OSError as exc:
         raise AgentError(no_room_message(started.dir, exc)) from None
+    started.kernel = spawn_kernel(kernel_argv(config, connection_file), kernel_env(config))
+
+
+def kernel_argv(config: Dict[str, Any], connection_file: str) -> List[str]:
     replace = {"{python}": sys.executable, "{connection_file}": connection_file}
-    argv = [replace.get(arg, arg) for arg in config["argv"]]
+    return [replace.get(arg, arg) for arg in config["argv"]]
+
+
+def kernel_env(config: Dict[str, Any]) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(config.get("env") or {})
     env["JPY_PARENT_PID"] = str(os.getpid())  # the kernel exits by itself if we die
-    started.kernel = spawn_kernel(argv, env)
+    return env
+
+
+# ------------------------------------------------------------------------------------ spare kernel
+
+SPARE_STATE = "spare"  # agent.json's "state" while a spare waits (`ps` shows it, `gc` leaves it)
+
+
+def start_spare(started: Started) -> None:
+    """``spare`` mode: the kernel command (bootstrap.SPARE_KERNEL: imports, then it waits for its
+    connection file's path on stdin) in a new private directory, and a record for `ps`/`gc`."""
+    config = started.config
+    started.dir = make_private_dir(config.get("runtime_dir"))
+    go_r, go_w = os.pipe()
+    try:
+        started.kernel = spawn_kernel(kernel_argv(config, ""), kernel_env(config), stdin=go_r)
+    except BaseException:
+        os.close(go_w)
+        raise
+    finally:
+        os.close(go_r)
+    started.go = go_w
+    record = {"name": str(config.get("name", "kernel")), "agent_pid": os.getpid(),
+              "kernel_pid": started.kernel.pid, "started": int(time.time()), "state": SPARE_STATE}
+    try:
+        write_private(os.path.join(started.dir, "agent.json"), json_object(record).encode())
+    except OSError:
+        pass  # a full disk: the start that takes this spare writes the record (or says why not)
+
+
+def await_go(started: Started) -> bool:
+    """A spare waits for the real start's request (a second BOOT frame), at most ``spare_wait``
+    seconds; then it writes the connection file and tells the kernel its path: ``started`` is a
+    ``start`` mode start from there on. False: the spare was given up (the session ended, or the
+    wait ran out) and is gone, directory and all."""
+    import select
+
+    config = started.config
+    deadline = time.monotonic() + float(config.get("spare_wait") or 900)
+    buffer = started.leftover
+    while True:
+        if len(buffer) >= FRAME_HEADER.size:
+            kind, _sid, _seq, length = FRAME_HEADER.unpack_from(buffer)
+            if kind != BOOT:
+                break
+            if len(buffer) >= FRAME_HEADER.size + length:
+                return _go(started, buffer[FRAME_HEADER.size:FRAME_HEADER.size + length],
+                           buffer[FRAME_HEADER.size + length:])
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([0], [], [], remaining)[0]:
+            break
+        data = os.read(0, 65536)
+        if not data:
+            break
+        buffer += data
+    _give_up_spare(started)
+    return False
+
+
+def _go(started: Started, payload: bytes, leftover: bytes) -> bool:
+    started.config.update(marshal.loads(payload))  # noqa: S302 - the launcher's request (see begin)
+    started.config["mode"] = "start"
+    started.leftover = leftover
+    try:
+        stop_previous(started.config.get("replace"))
+        path = write_connection_file(started.dir, started.config)
+        os.write(started.go, path.encode() + b"\n")
+    except OSError as exc:  # a full disk (said), or the spare kernel died (the agent reports its exit)
+        if exc.errno != 32:  # EPIPE
+            started.error = no_room_message(started.dir, exc)
+    finally:
+        os.close(started.go)
+        started.go = -1
+    return True
+
+
+def _give_up_spare(started: Started) -> None:
+    os.close(started.go)  # the kernel reads EOF and exits
+    started.go = -1
+    kernel = started.kernel
+    if kernel is not None and kernel.wait(2.0) is None:
+        try:
+            os.killpg(kernel.pid, 9)
+        except OSError:
+            pass
+        kernel.wait(2.0)
+    for name in os.listdir(started.dir):
+        os.unlink(os.path.join(started.dir, name))
+    os.rmdir(started.dir)
 
 
 JOB_DIR_ENV = "RK_JOB_DIR"  # set by a batch job's script (backends/slurm.py): the directory it made
@@ -363,9 +467,10 @@ def begin() -> Started:
     started = Started(marshal.loads(payload), leftover)  # noqa: S302 - see above
     if started.config.get("mode") == "await":
         take_job_dir(started)
-    if started.config.get("mode") == "start":
+    mode = started.config.get("mode")
+    if mode in ("start", "spare"):
         try:
-            start_kernel(started)
+            (start_kernel if mode == "start" else start_spare)(started)
         except (AgentError, OSError) as exc:
             started.error = str(exc)
     return started

@@ -73,7 +73,8 @@ class Link:
     since: float  # wall-clock time it was authenticated
     methods: list[str]
     full: bool = False  # the host refused another session on it (MaxSessions)
-    leases: int = 0  # kernels using it
+    leases: int = 0  # kernels using it (spares included)
+    spares: int = 0  # of those, spare kernels waiting to be taken (service/spares.py)
     probe: threading.Event | None = None
     probe_sent: float = 0.0
     last_ok: float = field(default_factory=time.monotonic)
@@ -112,6 +113,14 @@ class Lease:
     def __init__(self, pool: Pool, slot: Slot, link: Link, prompter: Any) -> None:
         self.pool, self.slot, self.link, self.prompter = pool, slot, link, prompter
         self.closed = False
+        self.spare = False  # held by a spare kernel (counted apart in `service status`)
+
+    def mark_spare(self, spare: bool) -> None:
+        """A spare's lease, or (False) the lease of the kernel that took the spare."""
+        with self.slot.cond:
+            if spare != self.spare and not self.closed:
+                self.link.spares += 1 if spare else -1
+            self.spare = spare
 
     def open_exec(self, command: str) -> Any:
         try:
@@ -125,6 +134,9 @@ class Lease:
         with self.slot.cond:
             self.link.leases -= 1
             new.leases += 1
+            if self.spare:
+                self.link.spares -= 1
+                new.spares += 1
         self.link = new
         return self.link.conn.open_exec(command)
 
@@ -137,6 +149,7 @@ class Lease:
 
     def close(self) -> None:
         if not self.closed:
+            self.mark_spare(False)
             self.closed = True
             self.pool.release(self.slot, self.link)
 
@@ -402,7 +415,8 @@ class Pool:
             with slot.cond:
                 for link in slot.links:
                     rows.append({"host": slot.host.name, "label": slot.host.label, "since": link.since,
-                                 "kernels": max(0, link.leases), "auth": link.auth(),
+                                 "kernels": max(0, link.leases - link.spares), "spares": link.spares,
+                                 "auth": link.auth(),
                                  "login": slot.logged_in, "full": link.full})
                 if not slot.links and slot.needs is not None:
                     rows.append({"host": slot.host.name, "label": slot.host.label, "since": None,

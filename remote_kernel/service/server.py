@@ -30,6 +30,7 @@ from remote_kernel.errors import RemoteKernelError, UsageError
 from remote_kernel.launcher import SHUTDOWN_WAIT, Adoption, KernelGoneError, RemoteKernel
 from remote_kernel.service import idle_limit, paths, prompts
 from remote_kernel.service.pool import AnswerNeeded, NobodyPrompter, Pool, ServiceConnector
+from remote_kernel.service.spares import Spare, Spares
 from remote_kernel.service.wire import Channel, WireError, same_user
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ class HostedKernel(RemoteKernel):
     logs to the argv launcher that asked for it."""
 
     def __init__(self, entry: KernelEntry, connection_file: Path | None, *, runtime_dir: Path,
-                 connector: ServiceConnector, channel: Channel, level: int, adopt: Adoption | None = None) -> None:
-        super().__init__(entry, connection_file, runtime_dir=runtime_dir, adopt=adopt)
+                 connector: ServiceConnector, channel: Channel, level: int, adopt: Adoption | None = None,
+                 spare: Spare | None = None) -> None:
+        super().__init__(entry, connection_file, runtime_dir=runtime_dir, adopt=adopt, spare=spare)
         self._launcher.connector = connector  # the only change: the shared connection
+        if spare is not None:  # the spare's connection counts as this kernel's first
+            connector.acquired, connector.reused = 1, True
         self.channel: Channel | None = channel  # None: nobody listens (a detached kernel, once started)
         self.level = level
 
@@ -77,6 +81,7 @@ class Service:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.pool = Pool()
+        self.spares = Spares(self.pool)
         self.kernels: dict[int, dict[str, Any]] = {}
         self.clients = 0
         self.since = time.time()
@@ -154,6 +159,8 @@ class Service:
         while not self.stopping.wait(UPKEEP_EVERY):
             with contextlib.suppress(Exception):
                 self.pool.keepalive(limit)
+            with contextlib.suppress(Exception):
+                self.spares.upkeep()
             with self._lock:
                 busy = bool(self.kernels) or self.clients > 0
             if busy or self.pool.busy():
@@ -172,6 +179,7 @@ class Service:
             kernel.terminate()
         for kernel in kernels:
             kernel.wait(10.0)
+        self.spares.close_all()
         self.pool.close_all()
         listener.close()
         with contextlib.suppress(OSError):
@@ -210,7 +218,7 @@ class Service:
                        for k in self.kernels.values()]
         channel.send({"event": "status", "pid": os.getpid(), "version": __version__, "since": self.since,
                       "socket": str(paths.socket_path(self.dir)), "connections": self.pool.describe(),
-                      "kernels": kernels})
+                      "kernels": kernels, "spares": self.spares.describe()})
 
     def _op_stop(self, channel: Channel, request: dict[str, Any]) -> None:
         with self._lock:
@@ -324,10 +332,11 @@ class Service:
 
         connector = ServiceConnector(self.pool, prompter, startup_timeout=entry.startup_timeout, on_wait=waiting)
         connection_file = request.get("connection_file")
+        adopt = adopt if adopt is not None else _adoption(request.get("adopt"))
         return HostedKernel(entry, Path(connection_file) if connection_file else None,
                             runtime_dir=Path(request["runtime_dir"]), connector=connector, channel=channel,
-                            level=int(request.get("level") or logging.INFO),
-                            adopt=adopt if adopt is not None else _adoption(request.get("adopt")))
+                            level=int(request.get("level") or logging.INFO), adopt=adopt,
+                            spare=self.spares.take(entry) if adopt is None else None)
 
     def _report(self, channel: Channel, kernel: HostedKernel, ident: int) -> None:
         try:
@@ -340,6 +349,7 @@ class Service:
             with self._lock:
                 if ident in self.kernels:
                     self.kernels[ident]["connection_file"] = str(kernel.connection_file)
+            self.spares.replenish(kernel.entry)  # the next start of this entry finds its imports done
             channel.send({"event": "ready", "connection_file": str(kernel.connection_file), "reused": reused,
                           "adopt": _takeover_record(kernel)})
         code = kernel.wait()
@@ -452,6 +462,7 @@ class DetachedKernels:
             channel.send(_error_event(exc))
             return
         ready.set()
+        self.service.spares.replenish(entry)
         record = self._save(kernel, kernel_id, lease, started)
         with self.service._lock:
             self.service.kernels[ident]["connection_file"] = record.connection_file
