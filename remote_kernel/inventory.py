@@ -299,6 +299,8 @@ def gc_actions(answers: list[HostAnswer]) -> list[dict[str, Any]]:
 def _agent_state(agent: dict[str, Any], now: float) -> tuple[str, float | None]:
     if agent.get("alive") is False:  # None: on another node (a Slurm job's, on a shared disk)
         return "stale", None
+    if agent.get("state") == "spare":  # started ahead by the service for the entry's next start
+        return "spare", None
     if agent.get("attached"):
         return "attached", None
     detached = agent.get("detached_at")

@@ -22,6 +22,7 @@ from launch_helpers import (
     kernel_facts,
     remote_base_dir,
     run_cli,
+    single_kernel_config,
     started_kernel,
     wait_until,
     write_spec,
@@ -94,7 +95,7 @@ def spare_dirs() -> set[Path]:
 
 
 def test_the_next_start_of_an_entry_takes_the_spare_and_behaves_as_a_plain_start(
-        sshd: SSHServer, remote_python: Path) -> None:
+        sshd: SSHServer, remote_python: Path, tmp_path: Path) -> None:
     write_spec(kernel_entry(sshd, remote_python, "sparing", env={"RK_TEST_ENTRY": "sparing"}))
     with started_kernel("sparing") as (_km1, kc1):
         first = kernel_facts(kc1)
@@ -103,6 +104,14 @@ def test_the_next_start_of_an_entry_takes_the_spare_and_behaves_as_a_plain_start
         [waiting] = spare_pids("sparing")
         assert waiting != first.pid
         assert spare_dirs(), "the spare's directory has no record for ps/gc"
+        # ps shows it as a spare (not an orphan); gc leaves it alone.
+        config = single_kernel_config(tmp_path / "rk.toml", sshd, "sparing", remote_python)
+        ps = run_cli(["--config", str(config), "--json", "ps"])
+        assert ps.returncode == 0, ps.stderr
+        assert [row["state"] for row in json.loads(ps.stdout)["kernels"] if row["kernel_pid"] == waiting] == ["spare"]
+        gc = run_cli(["--config", str(config), "--json", "gc", "--dry-run"])
+        assert gc.returncode == 0, gc.stderr
+        assert not [a for a in json.loads(gc.stdout)["actions"] if Path(a.get("dir") or "/") in spare_dirs()], gc.stdout
         with started_kernel("sparing") as (km2, kc2):
             second = kernel_facts(kc2)
             assert second.pid == waiting  # the spare's process is the new kernel

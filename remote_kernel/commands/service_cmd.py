@@ -73,6 +73,11 @@ def show_status(answer: dict[str, Any]) -> None:
     console.emit_table("hosted kernels", ["id", "entry", "host", "since", "launcher pid", "connection file"],
                        [[str(k.get("id")), str(k.get("name")), str(k.get("host")), _age(k.get("since")),
                          str(k.get("launcher_pid") or "-"), str(k.get("connection_file") or "-")] for k in kernels])
+    spares = answer.get("spares") or []
+    if spares:  # kernels started ahead for the next start of their entry (spare_kernel)
+        console.emit_table("spare kernels (started ahead; spare_kernel = false turns them off)",
+                           ["entry", "host", "waiting"],
+                           [[str(s.get("name")), str(s.get("host")), _age(s.get("since"))] for s in spares])
 
 
 def connection_rows(answer: dict[str, Any]) -> list[list[str]]:

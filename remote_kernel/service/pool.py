@@ -128,8 +128,10 @@ class Lease:
         except SSHError as exc:
             if not _session_refused(exc) or not self.link.alive():
                 raise
-            log.info("%s refused another session on its connection (MaxSessions): using another", self.slot.host.label)
             self.link.full = True
+            if self.spare:  # a spare kernel never makes the pool open (and log in on) another connection
+                raise
+            log.info("%s refused another session on its connection (MaxSessions): using another", self.slot.host.label)
         new = self.pool.roomier_link(self.slot, self.prompter)
         with self.slot.cond:
             self.link.leases -= 1

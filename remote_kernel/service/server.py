@@ -240,6 +240,7 @@ class Service:
 
     def _op_logout(self, channel: Channel, request: dict[str, Any]) -> None:
         host = HostEntry.from_dict(request["host"])
+        self.spares.end_for(host)  # a spare is no kernel of the user's: it does not keep the login
         channel.send({"event": "done", "host": host.name, "kernels": self.pool.logout(host)})
 
     def _op_query(self, channel: Channel, request: dict[str, Any]) -> None:

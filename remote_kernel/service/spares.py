@@ -87,6 +87,7 @@ class Spares:
         self.lifetime = lifetime
         self._spares: dict[str, Spare] = {}
         self._making: set[str] = set()
+        self._ended: dict[int, int] = {}  # id(pool slot) -> how many times its spares were ended (end_for)
         self._lock = threading.Lock()
         self.closed = False
 
@@ -116,6 +117,9 @@ class Spares:
         threading.Thread(target=self._make, args=(entry, key), name="rk-service-spare", daemon=True).start()
 
     def _make(self, entry: KernelEntry, key: str) -> None:
+        slot = id(self.pool.slot(entry.host))
+        with self._lock:
+            ended = self._ended.get(slot, 0)
         try:
             spare = self._start(entry, key)
         finally:
@@ -124,7 +128,7 @@ class Spares:
         if spare is None:
             return
         with self._lock:
-            if self.closed or key in self._spares:
+            if self.closed or key in self._spares or self._ended.get(slot, 0) != ended:
                 keep = False
             else:
                 self._spares[key] = spare
@@ -157,6 +161,16 @@ class Spares:
         with self._lock:
             ended = [key for key, spare in self._spares.items()
                      if now - spare.made > self.lifetime or not spare.usable()]
+            spares = [self._spares.pop(key) for key in ended]
+        for spare in spares:
+            spare.discard()
+
+    def end_for(self, host: Any) -> None:
+        """End the spares on ``host`` (a HostEntry): `logout` closes its connection."""
+        slot = self.pool.slot(host)
+        with self._lock:
+            self._ended[id(slot)] = self._ended.get(id(slot), 0) + 1  # and the one being made, if any
+            ended = [key for key, spare in self._spares.items() if getattr(spare.lease, "slot", None) is slot]
             spares = [self._spares.pop(key) for key in ended]
         for spare in spares:
             spare.discard()
