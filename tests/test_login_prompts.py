@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from remote_kernel.service.prompts import askpass_env, askpass_program
+from remote_kernel.service import askpass_env
+from remote_kernel.service.prompts import askpass_program
 
 
 @pytest.mark.parametrize(("env", "terminal", "expected"), [

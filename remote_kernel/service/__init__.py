@@ -18,6 +18,7 @@ launchers ask it to (issue 14).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 ENV_SWITCH = "REMOTE_KERNEL_SERVICE"
 ENV_IDLE = "REMOTE_KERNEL_SERVICE_IDLE"
@@ -34,3 +35,12 @@ def idle_limit() -> float:
         return max(1.0, float(os.environ.get(ENV_IDLE, DEFAULT_IDLE)))
     except ValueError:
         return DEFAULT_IDLE
+
+
+# What the service needs of a launcher's environment to ask through its SSH_ASKPASS program.
+ASKPASS_ENV = ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY")
+
+
+def askpass_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of a launcher's environment the service needs to ask through its SSH_ASKPASS."""
+    return {name: env[name] for name in ASKPASS_ENV if env.get(name)}

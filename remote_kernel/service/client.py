@@ -60,7 +60,8 @@ def ensure(*, timeout: float = START_TIMEOUT) -> Channel:
         with contextlib.suppress(ServiceUnavailable):
             return connect(directory)  # another launch started it while we waited for the lock
         started = time.monotonic()
-        spawn()
+        if not _spawned_early():
+            spawn()
         deadline = started + timeout
         while True:
             try:
@@ -74,6 +75,15 @@ def ensure(*, timeout: float = START_TIMEOUT) -> Channel:
                 continue
             log.debug("started the per-user service in %.2f s", time.monotonic() - started)
             return channel
+
+
+def _spawned_early() -> bool:
+    """This process started the service already (service/early.py), once: wait for it to listen."""
+    early = sys.modules.get("remote_kernel.service.early")
+    if early is None or not early.state.spawned:
+        return False
+    early.state.spawned = False
+    return True
 
 
 @contextlib.contextmanager
@@ -144,7 +154,7 @@ def converse(op: str, **fields: Any) -> dict[str, Any]:
     service's log lines meanwhile are logged here (progress on the terminal); its one answer is
     returned, or raised when it is an error. Ctrl-C ends the conversation (the service stops a
     kernel whose start nobody waits for any more)."""
-    from remote_kernel.service.prompts import askpass_env
+    from remote_kernel.service import askpass_env
 
     channel = ensure()
     try:
@@ -194,8 +204,12 @@ class HostedLaunch:
         self.took_over = False
 
     def run(self) -> int:
-        self.channel = ensure()
-        self.channel.send(self._request())
+        from remote_kernel.service import early
+
+        self.channel = early.take(self.entry.to_dict(), self.connection_file)
+        if self.channel is None:  # no head start (service/early.py): ask now
+            self.channel = ensure()
+            self.channel.send(self._request())
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, *STOP_SIGNALS)}
         try:
             return self._relay()
@@ -205,7 +219,7 @@ class HostedLaunch:
             self.channel.close()
 
     def _request(self) -> dict[str, Any]:
-        from remote_kernel.service.prompts import askpass_env
+        from remote_kernel.service import askpass_env
 
         return {"op": "serve", "entry": self.entry.to_dict(), "pid": os.getpid(),
                 "connection_file": str(self.connection_file) if self.connection_file else None,

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 ASKPASS_TIMEOUT = 300.0  # a person reads the dialog and types a code
-# What the service needs of a launcher's environment to ask through its SSH_ASKPASS program.
-ASKPASS_ENV = ("SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY")
 
 
 class TerminalPrompter:
@@ -92,6 +90,3 @@ def default_prompter(*, terminal: bool | None = None) -> TerminalPrompter | Askp
     return TerminalPrompter() if terminal else None
 
 
-def askpass_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The part of a launcher's environment the service needs to ask through its SSH_ASKPASS."""
-    return {name: env[name] for name in ASKPASS_ENV if env.get(name)}
