@@ -100,6 +100,8 @@ def main() -> int:
                     interleaved_execs(order, log, max(bench.EXEC_BLOCK, args.execs // args.rounds), results)
                 print(f"  round {number + 1}/{args.rounds} ({', '.join(order)})", flush=True)
     finally:
+        with contextlib.suppress(Exception):  # the per-user service the launches started (and its spares)
+            bench.stop_service(subprocess.DEVNULL)
         server.stop()
         bench.reap_leftovers(root)
     print(f"\n{'variant':10} {'startup s':>10} {'1+1 ms':>8} {'p99 ms':>8}   vs base")
