@@ -121,6 +121,7 @@ class Launcher:
         self.entry = entry
         self.adoption = adopt
         self.spare = spare  # service.spares.Spare: a kernel of this entry started ahead, to take
+        self.took_spare = False
         self.connector: Connector = connector or DirectConnector()
         self.backend: Backend = backend_for(entry)
         self.locator: Locator | None = None
@@ -316,7 +317,7 @@ class Launcher:
         channel.set_blocking(False)  # reads only: the pump must never wait on stdout while stderr has data
         self._tunnel.attach(channel)
         self._tunnel.start()
-        if self.spare is not None:
+        if self.took_spare:
             progress.info("starting the kernel (%s, its imports done ahead by a spare)", self.entry.python)
         elif self.entry.setup:
             progress.info("running %d setup line%s", len(self.entry.setup), "s" if len(self.entry.setup) > 1 else "")
@@ -334,7 +335,7 @@ class Launcher:
                      self.entry.host.label, exc.message)
             spare.discard()
             return None
-        self.spare, self.ssh = spare, spare.lease
+        self.ssh, self.took_spare = spare.lease, True
         progress.info("connected to %s (a spare kernel waited there since %s)", self.entry.host.label,
                       time.strftime("%H:%M:%S", time.localtime(spare.since)))
         return channel
@@ -771,6 +772,9 @@ class Launcher:
     # ------------------------------------------------------------------------------ cleanup
 
     def _cleanup(self) -> None:
+        if self.spare is not None:  # a start that ended before it took its spare: end the spare too
+            self.spare.discard()
+            self.spare = None
         if self.tunnel is not None:
             try:
                 self.tunnel.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 
@@ -166,3 +167,25 @@ def test_spare_kernel_false_makes_no_spare(sshd: SSHServer, remote_python: Path)
         time.sleep(3.0)  # a spare would have been started by now (it is started right after ready)
         assert spare_pids("nospare") == []
         assert service_spares() == []
+
+
+def test_a_start_that_fails_before_it_takes_the_spare_ends_the_spare(
+        sshd: SSHServer, remote_python: Path, tmp_path: Path) -> None:
+    """A port of the connection file is taken: the start fails locally; its spare does not linger."""
+    write_spec(kernel_entry(sshd, remote_python, "failing", env={"RK_TEST_ENTRY": "failing"}))
+    with started_kernel("failing") as (km1, _kc1):
+        assert wait_until(lambda: len(spare_pids("failing")) == 1, timeout=SPARE_WAIT)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        info = json.loads(Path(km1.connection_file).read_text())
+        info["shell_port"] = busy.getsockname()[1]
+        taken = tmp_path / "kernel-taken.json"
+        taken.write_text(json.dumps(info))
+        try:
+            result = run_cli(["from-spec", "failing", "-f", str(taken)], timeout=60)
+        finally:
+            busy.close()
+        assert result.returncode != 0
+        assert "in use" in result.stderr or "taken" in result.stderr, result.stderr
+        assert wait_until(lambda: not spare_pids("failing"), timeout=30), spare_pids("failing")
