@@ -956,6 +956,10 @@ class RemoteKernel:
             self._done.wait(timeout)
         return self.poll()
 
+    def forwards(self) -> list[Forward]:
+        """The ports forwarded for this kernel (its ``forward`` key and ad hoc ones), while it runs."""
+        return list(self._launcher.forwards)
+
     def forward(self, remote: int, local: int | None = None) -> Forward:
         """Launcher.forward on this kernel (the service's ``forward`` op)."""
         if self._launcher.tunnel is None:

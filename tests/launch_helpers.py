@@ -299,6 +299,15 @@ def _left(deadline: float, what: str) -> float:
     return left
 
 
+def interrupted_cell(km: Any, kc: BlockingKernelClient, *, timeout: float = 10.0) -> Execution:
+    """A cell that prints, then sleeps 60 s, interrupted through ``km`` once it runs: its
+    Execution (``ename`` is "KeyboardInterrupt" when the interrupt reached the kernel)."""
+    msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+    wait_for_stream(kc, msg_id, timeout=timeout)
+    km.interrupt_kernel()
+    return collect(kc, msg_id, timeout=timeout)
+
+
 def wait_for_stream(kc: BlockingKernelClient, msg_id: str, *, timeout: float = EXEC_TIMEOUT) -> str:
     """The first stdout text the request ``msg_id`` prints (e.g. "started" before a sleep)."""
     deadline = time.monotonic() + timeout

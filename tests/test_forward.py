@@ -393,6 +393,12 @@ def test_forward_command_adds_a_forward_to_a_running_kernel_of_the_service(
         url = re.search(r"http://127\.0\.0\.1:(\d+)/ -> port (\d+)", again.stdout)
         assert url is not None and int(url[2]) == remote and "is taken here" in again.stdout, again.stdout
         assert marker in http_get(int(url[1]))
+        # `service status` shows the kernel's forwards (remote port -> local port)
+        status = run_cli(["--json", "service", "status"])
+        [hosted] = json.loads(status.stdout)["kernels"]
+        assert sorted((f["remote"], f["local"]) for f in hosted["forwards"]) == sorted(
+            [(remote, local), (remote, int(url[1]))])
+        assert f"{remote}->{local}" in run_cli(["service", "status"]).stdout
         unknown = run_cli(["forward", "nosuchkernel", str(remote)])
         assert unknown.returncode == 2
         assert "no kernel 'nosuchkernel' runs in the per-user service (its kernels: adhoc)" in unknown.stderr

@@ -19,9 +19,9 @@ import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_server_helper import jupyter_server
 from launch_helpers import (
-    collect,
     connect_client,
     execute,
+    interrupted_cell,
     kernel_facts,
     pid_alive,
     remote_leftovers,
@@ -29,7 +29,6 @@ from launch_helpers import (
     single_kernel_config,
     started_kernel,
     user_kernels_dir,
-    wait_for_stream,
     wait_remote_gone,
     wait_until,
 )
@@ -76,10 +75,7 @@ def test_kernel_manager_runs_the_kernel_in_process_and_interrupts_it_in_both_mod
         assert _child_pids() == children_before, "the provisioner must not start a launcher process"
         before = kernel_facts(kc)
         assert execute(kc, "1+1").result == "2"
-        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
-        wait_for_stream(kc, msg_id)
-        km.interrupt_kernel()
-        assert collect(kc, msg_id, timeout=10).ename == "KeyboardInterrupt"
+        assert interrupted_cell(km, kc).ename == "KeyboardInterrupt"
         assert kernel_facts(kc).pid == before.pid
     assert wait_remote_gone(before) == []
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch_helpers import (
     execute,
     host_table,
+    interrupted_cell,
     kernel_entry,
     kernel_table,
     launch_cli,
@@ -112,18 +113,14 @@ def test_a_kernel_runs_in_a_job_interrupts_restarts_in_it_and_its_shutdown_ends_
         assert execute(kc, "1+1").result == "2"
         pid = execute(kc, "print(os.getpid())").stdout.strip()
         # signal mode (the spec's default): SIGINT to the launcher reaches the kernel in the job
-        msg_id = kc.execute("import time; time.sleep(60)")
-        time.sleep(1.0)
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=30)
-        assert reply["parent_header"]["msg_id"] == msg_id
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert interrupted_cell(km, kc, timeout=30).ename == "KeyboardInterrupt"
         assert execute(kc, "print(os.getpid())").stdout.strip() == pid
         # message mode: interrupt_request over the control channel
         msg_id = kc.execute("time.sleep(60)")
         time.sleep(1.0)
         kc.control_channel.send(kc.session.msg("interrupt_request", {}))
         reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert execute(kc, "print(os.getpid())").stdout.strip() == pid
         # the batch script and the job's record hold no key; no process's argv holds key or token

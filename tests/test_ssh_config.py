@@ -289,7 +289,7 @@ def test_a_kernel_on_an_included_host_behind_a_proxy_command_runs_and_survives_a
     """The whole path: ~/.ssh/config includes the host, whose ProxyCommand carries the kernel's
     traffic; Jupyter's interrupt signals the launcher's process group, and the ProxyCommand (in a
     session of its own) must not die of it."""
-    from launch_helpers import collect, execute, kernel_entry, started_kernel, wait_for_stream, write_spec
+    from launch_helpers import execute, interrupted_cell, kernel_entry, started_kernel, write_spec
 
     known_hosts = _write(isolated_env.ssh_dir / "known_hosts", sshd.known_hosts_line(f"[lab.invalid]:{sshd.port}"))
     block = (
@@ -302,10 +302,7 @@ def test_a_kernel_on_an_included_host_behind_a_proxy_command_runs_and_survives_a
     write_spec(kernel_entry(sshd, remote_python, "proxied", host=HostEntry(name="lab")))
     with started_kernel("proxied") as (km, kc):
         (proxy_pid,) = [pid for pid in children_of(km.provisioner.process.pid) if _command_of(pid)[0] == "nc"]
-        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
-        wait_for_stream(kc, msg_id)
-        km.interrupt_kernel()
-        assert collect(kc, msg_id, timeout=10).ename == "KeyboardInterrupt"
+        assert interrupted_cell(km, kc).ename == "KeyboardInterrupt"
         assert km.is_alive(), "the launcher died of the interrupt"
         assert execute(kc, "1+1").result == "2"
         assert not process_gone(proxy_pid), "the interrupt killed the ProxyCommand (the launcher had to reconnect)"

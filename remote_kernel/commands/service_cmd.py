@@ -70,14 +70,23 @@ def show_status(answer: dict[str, Any]) -> None:
                       f"up {_age(answer.get('since'))}, socket {answer.get('socket')}")
     console.emit_table("service connections", ["host", "since", "kernels", "auth"], connection_rows(answer))
     kernels = answer.get("kernels") or []
-    console.emit_table("hosted kernels", ["id", "entry", "host", "since", "launcher pid", "connection file"],
+    columns = ["id", "entry", "host", "since", "launcher pid", "forwards", "connection file"]
+    console.emit_table("hosted kernels", columns,
                        [[str(k.get("id")), str(k.get("name")), str(k.get("host")), _age(k.get("since")),
-                         str(k.get("launcher_pid") or "-"), str(k.get("connection_file") or "-")] for k in kernels])
+                         str(k.get("launcher_pid") or "-"), _forwards(k.get("forwards")),
+                         str(k.get("connection_file") or "-")] for k in kernels])
     spares = answer.get("spares") or []
     if spares:  # kernels started ahead for the next start of their entry (spare_kernel)
         console.emit_table("spare kernels (started ahead; spare_kernel = false turns them off)",
                            ["entry", "host", "waiting"],
                            [[str(s.get("name")), str(s.get("host")), _age(s.get("since"))] for s in spares])
+
+
+def _forwards(forwards: Any) -> str:
+    """``8787->8787, 6006->16006`` (remote port -> local port), or ``-``."""
+    if not isinstance(forwards, list) or not forwards:
+        return "-"
+    return ", ".join(f"{f.get('remote')}->{f.get('local')}" for f in forwards if isinstance(f, dict))
 
 
 def connection_rows(answer: dict[str, Any]) -> list[list[str]]:

@@ -214,7 +214,8 @@ class Service:
 
     def _op_status(self, channel: Channel, request: dict[str, Any]) -> None:
         with self._lock:
-            kernels = [{**{key: value for key, value in k.items() if key != "kernel"}, "clients": k["kernel"].clients()}
+            kernels = [{**{key: value for key, value in k.items() if key != "kernel"}, "clients": k["kernel"].clients(),
+                        "forwards": [served.to_dict() for served in k["kernel"].forwards()]}
                        for k in self.kernels.values()]
         channel.send({"event": "status", "pid": os.getpid(), "version": __version__, "since": self.since,
                       "socket": str(paths.socket_path(self.dir)), "connections": self.pool.describe(),
