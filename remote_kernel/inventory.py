@@ -315,7 +315,9 @@ def _age(agent: dict[str, Any], now: float) -> float | None:
 
 
 def local_garbage(runtime_dir: Path, dry_run: bool) -> list[dict[str, str]]:
-    """Our connection files nobody serves any more, and restart records of dead launchers."""
+    """Our connection files nobody serves any more, restart records of dead launchers, and the
+    records of Slurm jobs that ended longer ago than they refuse a resubmit."""
+    from remote_kernel.backends.slurm import expired_end_records
     from remote_kernel.connection import is_live
 
     actions = []
@@ -333,6 +335,11 @@ def local_garbage(runtime_dir: Path, dry_run: bool) -> list[dict[str, str]]:
             if not dry_run:
                 with contextlib.suppress(OSError):
                     path.unlink()
+    for path in expired_end_records(runtime_dir):
+        actions.append({"action": "remove-ended-job-record", "path": str(path)})
+        if not dry_run:
+            with contextlib.suppress(OSError):
+                path.unlink()
     return actions
 
 

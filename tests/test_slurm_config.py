@@ -75,3 +75,26 @@ def test_the_batch_script_holds_the_setup_and_no_secret(tmp_path: Path) -> None:
     script = batch_script(entry, "k-0123abcd")
     assert "module load cuda" in script and "k-0123abcd" in script
     assert "key" not in script.split("RK_PAYLOAD")[0].lower().replace("remote-kernel", "")
+
+
+def test_gc_removes_the_records_of_ended_jobs_once_they_refuse_no_resubmit(
+        isolated_env: object, tmp_path: Path) -> None:
+    """note_end's records (Jupyter runtime dir) stop Jupyter's auto-restart for NO_RESUBMIT_WINDOW;
+    after that `gc` removes them (before: they were kept forever)."""
+    import json
+    import time
+
+    from remote_kernel import inventory
+    from remote_kernel.backends import slurm
+
+    runtime = tmp_path / "runtime"
+    (runtime / "remote-kernel").mkdir(parents=True)
+    old = runtime / "remote-kernel" / f"{slurm.ENDED_PREFIX}old.json"
+    recent = runtime / "remote-kernel" / f"{slurm.ENDED_PREFIX}recent.json"
+    old.write_text(json.dumps({"job_id": "7", "state": "TIMEOUT", "at": time.time() - slurm.NO_RESUBMIT_WINDOW - 1}))
+    recent.write_text(json.dumps({"job_id": "8", "state": "TIMEOUT", "at": time.time()}))
+    dry = inventory.local_garbage(runtime, dry_run=True)
+    assert [a["path"] for a in dry if a["action"] == "remove-ended-job-record"] == [str(old)]
+    assert old.exists()
+    inventory.local_garbage(runtime, dry_run=False)
+    assert not old.exists() and recent.exists()

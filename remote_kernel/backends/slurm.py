@@ -443,7 +443,7 @@ def _ended_path(token: str) -> Path:
     from remote_kernel.launcher import _jupyter_runtime_dir
 
     digest = hashlib.sha256(token.encode()).hexdigest()[:24]
-    return _jupyter_runtime_dir() / "remote-kernel" / f"slurm-ended-{digest}.json"
+    return _jupyter_runtime_dir() / "remote-kernel" / f"{ENDED_PREFIX}{digest}.json"
 
 
 def note_end(token: str, job_id: str, state: JobState) -> None:
@@ -456,6 +456,23 @@ def note_end(token: str, job_id: str, state: JobState) -> None:
     with contextlib.suppress(OSError):
         records.write_private_json(_ended_path(token), {"job_id": job_id, "state": state.describe(job_id),
                                                         "at": time.time()})
+
+
+ENDED_PREFIX = "slurm-ended-"
+
+
+def expired_end_records(runtime_dir: Path) -> list[Path]:
+    """The records of note_end older than NO_RESUBMIT_WINDOW (unreadable ones too): they refuse
+    nothing any more, and `gc` removes them."""
+    expired = []
+    for path in sorted((runtime_dir / "remote-kernel").glob(f"{ENDED_PREFIX}*.json")):
+        try:
+            at = float(json.loads(path.read_text(encoding="utf-8"))["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            at = 0.0
+        if time.time() - at >= NO_RESUBMIT_WINDOW:
+            expired.append(path)
+    return expired
 
 
 def refuse_recent_end(previous: dict[str, Any]) -> None:
