@@ -36,6 +36,7 @@ from remote_kernel.service.wire import Channel, WireError, same_user
 log = logging.getLogger(__name__)
 
 UPKEEP_EVERY = 2.0
+RESTART_WAIT = 10.0  # a restart's new kernel waits this long for the old one to free the ports
 LOGIN_TIMEOUT = 120.0  # a person finds their phone and types a code (sshd's LoginGraceTime is 120 s)
 _session = threading.local()  # .kernel: the HostedKernel a serving thread serves (its logs follow it)
 
@@ -266,6 +267,7 @@ class Service:
 
     def _op_serve(self, channel: Channel, request: dict[str, Any]) -> None:
         entry = KernelEntry.from_dict(request["entry"])
+        self._wait_for_previous(request.get("connection_file"))
         kernel = self._hosted(channel, request, entry)
         ident = next(self._ids)
         with self._lock:
@@ -280,6 +282,20 @@ class Service:
         finally:
             with self._lock:
                 self.kernels.pop(ident, None)
+
+    def _wait_for_previous(self, connection_file: Any) -> None:
+        """A serve for the connection file of a kernel hosted here is a restart (jupyter_client's
+        ``restart_kernel(now=True)`` SIGKILLs the old launcher and starts the new one at once): the
+        old kernel, stopped because its launcher's conversation ended, still holds the file's
+        ports for a moment. Wait for it (bounded), so the new one can bind them."""
+        if not connection_file:
+            return
+        with self._lock:
+            previous = [k["kernel"] for k in self.kernels.values() if k.get("connection_file") == connection_file]
+        for kernel in previous:
+            if kernel.wait(RESTART_WAIT) is None:
+                log.warning("kernel %s still serves %s after %g s; starting its successor anyway",
+                            kernel.entry.name, connection_file, RESTART_WAIT)
 
     def _op_detach(self, channel: Channel, request: dict[str, Any]) -> None:
         DetachedKernels(self).detach(channel, request)
