@@ -185,3 +185,19 @@ def test_a_start_that_fails_before_it_takes_the_spare_ends_the_spare(
         assert result.returncode != 0
         assert "in use" in result.stderr or "taken" in result.stderr, result.stderr
         assert wait_until(lambda: not spare_pids("failing"), timeout=30), spare_pids("failing")
+
+
+def test_a_changed_entry_never_takes_the_old_spare_and_the_old_spare_ends(
+        sshd: SSHServer, remote_python: Path) -> None:
+    write_spec(kernel_entry(sshd, remote_python, "changing", env={"RK_TEST_ENTRY": "changing", "V": "1"}))
+    with started_kernel("changing") as (_km, _kc):
+        assert wait_until(lambda: len(spare_pids("changing")) == 1, timeout=SPARE_WAIT)
+    [old_spare] = spare_pids("changing")
+    write_spec(kernel_entry(sshd, remote_python, "changing", env={"RK_TEST_ENTRY": "changing", "V": "2"}))
+    with started_kernel("changing") as (_km, kc):
+        assert execute(kc, "import os; os.environ['V']").result == "'2'"
+        assert kernel_facts(kc).pid != old_spare
+        # the new entry's spare replaces the old one: one spare of the name at a time
+        assert wait_until(lambda: len(spare_pids("changing")) == 1 and old_spare not in spare_pids("changing"),
+                          timeout=SPARE_WAIT), spare_pids("changing")
+        assert len(service_spares()) == 1

@@ -9,7 +9,8 @@ restart) takes it: the launcher sends the start's own request (key, token) as a 
 and the kernel goes on from where it waited, so the start costs about one round trip and the
 kernel's socket set-up. Then the service makes the next spare.
 
-Bounds: one spare per entry; only while the host's connection is held without asking anybody (a
+Bounds: one spare per entry (a changed entry's old spare ends when the new one is made); only
+while the host's connection is held without asking anybody (a
 spare never prompts); it ends after SPARE_LIFETIME unused (its agent ends by itself soon after,
 also when the service is gone: ``spare_wait``), when the service stops, and when its session ends.
 ``spare_kernel = false`` in an entry turns it off. Only ipykernel's default command qualifies
@@ -129,10 +130,14 @@ class Spares:
             return
         with self._lock:
             if self.closed or key in self._spares or self._ended.get(slot, 0) != ended:
-                keep = False
-            else:
+                replaced, keep = [], False
+            else:  # an entry changed since its last spare (same name and host): that one is stale
+                stale = [k for k, old in self._spares.items() if (old.name, old.host) == (spare.name, spare.host)]
+                replaced = [self._spares.pop(k) for k in stale]
                 self._spares[key] = spare
                 keep = True
+        for old in replaced:
+            old.discard()
         if not keep:
             spare.discard()
         else:
