@@ -190,6 +190,11 @@ class Launcher:
         self._stop_signal.set()
         self.backend.cancel()  # a start waiting in a batch queue gives up (scancel) at once
 
+    def close_clients(self) -> None:
+        """Free the local ports and drop their clients now (the kernel's stop follows)."""
+        if self.tunnel is not None:
+            self.tunnel.close_clients()
+
     def release(self) -> None:
         """Stop serving the kernel here and leave it running remote: its agent keeps it for its
         lease (reconnect_grace) for someone to take over (a detached kernel when the service
@@ -955,6 +960,12 @@ class RemoteKernel:
             self.terminate()
             self._done.wait(timeout)
         return self.poll()
+
+    def close_clients(self) -> None:
+        """Free the local ports and drop their clients now, as a killed launcher process would
+        (then ``terminate``): a restart's new kernel can bind them at once, and no client talks to
+        the old kernel meanwhile."""
+        self._launcher.close_clients()
 
     def forwards(self) -> list[Forward]:
         """The ports forwarded for this kernel (its ``forward`` key and ad hoc ones), while it runs."""

@@ -276,6 +276,17 @@ class Tunnel:
         while time.monotonic() < deadline and any(s.outbuf for s in list(self._streams.values())):
             time.sleep(0.02)
 
+    def close_clients(self) -> None:
+        """Stop serving here at once: the listeners and every client connection close (as when
+        a launcher process is killed), while the uplink stays to deliver what the remote end is
+        told next (a stop). The ports are free for a successor at once."""
+        with self._work:
+            for stream in list(self._streams.values()):
+                self._close_stream(stream, tell_peer=True)
+            self._closing.extend(self._listeners)
+            self._listeners.clear()
+        self._wake()
+
     def close(self) -> None:
         """Stop the threads, close every socket; re-raise what a thread died of."""
         with self._lock:

@@ -204,3 +204,29 @@ def test_datapath_every_byte_arrives_exactly_once_and_in_order_across_any_drops(
             assert read_exactly(client, len(expected)) == bytes(expected)
     finally:
         rig.close()
+
+
+def test_datapath_close_clients_frees_the_ports_at_once_and_the_link_still_stops_the_kernel(rig: Rig) -> None:
+    """What the service does when an argv launcher is killed (a restart's now=True): its clients
+    and ports go at once, as with a killed in-process launcher; the stop still reaches the agent."""
+    import socket
+    import time
+
+    client = rig.client("shell")
+    rig.echo("shell", b"before")
+    rig.tunnel.close_clients()
+    client.settimeout(WAIT)
+    assert client.recv(1) == b""  # the client sees its connection end
+    deadline = time.monotonic() + WAIT
+    while True:  # the port is free for a successor to bind
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as connection.bind_listeners
+        try:
+            probe.bind(("127.0.0.1", rig.ports["shell"]))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the shell port was not freed"
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    assert rig.shutdown()["code"] == 0 or rig.agent_gone()

@@ -555,6 +555,7 @@ def _relay_control(channel: Channel, kernel: HostedKernel) -> None:
         if message is None:
             if kernel.poll() is None:
                 log.info("the launcher of kernel %s went away: stopping the kernel", kernel.entry.name)
+                kernel.close_clients()  # its ports go with it, as with a launcher serving in-process
                 kernel.terminate()
             return
         op = message.get("op")
