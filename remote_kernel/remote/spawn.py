@@ -213,13 +213,10 @@ def write_connection_file(directory: str, config: Dict[str, Any]) -> str:
 
 
 def json_object(fields: Dict[str, Any]) -> str:
-    """json.dumps for a flat object of strings, integers and booleans (the connection file), without json."""
+    """json.dumps for a flat object of strings and integers (the connection file), without json."""
     items = []
     for name, value in fields.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value) if isinstance(value, int) else json_string(str(value))
+        text = str(value) if isinstance(value, int) else json_string(str(value))
         items.append(json_string(name) + ": " + text)
     return "{" + ", ".join(items) + "}"
 
@@ -364,28 +361,12 @@ def await_go(started: Started) -> bool:
     seconds; then it writes the connection file and tells the kernel its path: ``started`` is a
     ``start`` mode start from there on. False: the spare was given up (the session ended, or the
     wait ran out) and is gone, directory and all."""
-    import select
-
-    config = started.config
-    deadline = time.monotonic() + float(config.get("spare_wait") or 900)
-    buffer = started.leftover
-    while True:
-        if len(buffer) >= FRAME_HEADER.size:
-            kind, _sid, _seq, length = FRAME_HEADER.unpack_from(buffer)
-            if kind != BOOT:
-                break
-            if len(buffer) >= FRAME_HEADER.size + length:
-                return _go(started, buffer[FRAME_HEADER.size:FRAME_HEADER.size + length],
-                           buffer[FRAME_HEADER.size + length:])
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([0], [], [], remaining)[0]:
-            break
-        data = os.read(0, 65536)
-        if not data:
-            break
-        buffer += data
-    _give_up_spare(started)
-    return False
+    deadline = time.monotonic() + float(started.config.get("spare_wait") or 900)
+    frame = read_frame(started.leftover, deadline)
+    if frame is None or frame[0] != BOOT:
+        _give_up_spare(started)
+        return False
+    return _go(started, frame[1], frame[2])
 
 
 def _go(started: Started, payload: bytes, leftover: bytes) -> bool:
@@ -396,9 +377,10 @@ def _go(started: Started, payload: bytes, leftover: bytes) -> bool:
         stop_previous(started.config.get("replace"))
         path = write_connection_file(started.dir, started.config)
         os.write(started.go, path.encode() + b"\n")
-    except OSError as exc:  # a full disk (said), or the spare kernel died (the agent reports its exit)
-        if exc.errno != 32:  # EPIPE
-            started.error = no_room_message(started.dir, exc)
+    except BrokenPipeError:
+        pass  # the spare kernel died: the agent reports its exit (and stderr) as for any start
+    except OSError as exc:  # a full disk
+        started.error = no_room_message(started.dir, exc)
     finally:
         os.close(started.go)
         started.go = -1
@@ -443,17 +425,34 @@ def take_job_dir(started: Started) -> None:
 def read_first_frame() -> Tuple[int, bytes, bytes]:
     """Read exactly the first frame from stdin: (kind, payload, the bytes that followed it).
     Nothing more: what follows belongs to the agent's frame decoder."""
-    buffer = b""
+    frame = read_frame()
+    if frame is None:
+        raise SystemExit(EXIT_BAD_REQUEST)
+    return frame
+
+
+def read_frame(buffer: bytes = b"", deadline: Optional[float] = None) -> Optional[Tuple[int, bytes, bytes]]:
+    """One whole frame from ``buffer`` and then stdin: (kind, payload, the bytes after it); None at
+    the end of stdin or, with ``deadline`` (time.monotonic()), when it passes first."""
     while True:
         if len(buffer) >= FRAME_HEADER.size:
             kind, _sid, _seq, length = FRAME_HEADER.unpack_from(buffer)
             end = FRAME_HEADER.size + length
             if len(buffer) >= end:
                 return kind, buffer[FRAME_HEADER.size:end], buffer[end:]
+        if deadline is not None and not _readable_before(deadline):
+            return None
         data = os.read(0, 65536)
         if not data:
-            raise SystemExit(EXIT_BAD_REQUEST)
+            return None
         buffer += data
+
+
+def _readable_before(deadline: float) -> bool:
+    import select  # only a spare waits with a deadline: the plain start's path saves the import
+
+    remaining = deadline - time.monotonic()
+    return remaining > 0 and bool(select.select([0], [], [], remaining)[0])
 
 
 def begin() -> Started:

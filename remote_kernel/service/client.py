@@ -8,7 +8,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 from remote_kernel.errors import RemoteKernelError
 from remote_kernel.service import paths
-from remote_kernel.service.wire import Channel, WireError, peer_uid
+from remote_kernel.service.wire import Channel, ForeignPeer, WireError, dial
 from remote_kernel.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -35,20 +34,13 @@ def connect(directory: Path | None = None, *, timeout: float = CONNECT_TIMEOUT) 
     """A conversation with the running service; ServiceUnavailable when there is none."""
     directory = directory or paths.runtime_dir()
     path = paths.socket_path(directory)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
+        return Channel(dial(str(path), timeout))
+    except ForeignPeer as exc:
+        raise ServiceUnavailable(f"the socket {path} belongs to uid {exc.uid}, not to us: not using it",
+                                 hint=f"remove {path}") from exc
     except OSError as exc:
-        sock.close()
         raise ServiceUnavailable(f"no service at {path}: {exc.strerror or exc}") from exc
-    uid = peer_uid(sock)
-    if uid is not None and uid != os.getuid():
-        sock.close()
-        raise ServiceUnavailable(f"the socket {path} belongs to uid {uid}, not to us: not using it",
-                                 hint=f"remove {path}")
-    sock.settimeout(None)
-    return Channel(sock)
 
 
 def ensure(*, timeout: float = START_TIMEOUT) -> Channel:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from remote_kernel import service
 from remote_kernel.service import paths
-from remote_kernel.service.wire import Channel, peer_uid
+from remote_kernel.service.wire import Channel, dial
 
 # console.py's $REMOTE_KERNEL_LOG names (it imports logging: this module may not).
 _LEVELS = {"": 20, "debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -81,18 +80,10 @@ def _begin(args: list[str]) -> None:
 
 
 def _connect(path: Path) -> Channel | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(2.0)
     try:
-        sock.connect(str(path))
+        return Channel(dial(str(path), 2.0))
     except OSError:
-        sock.close()
-        return None
-    if peer_uid(sock) not in (None, os.getuid()):
-        sock.close()
-        return None  # client.connect says why
-    sock.settimeout(None)
-    return Channel(sock)
+        return None  # nothing there, or another uid's: client.connect says which
 
 
 def _start_service(directory: Path) -> None:

@@ -20,7 +20,6 @@ also when the service is gone: ``spare_wait``), when the service stops, and when
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -40,8 +39,8 @@ SPARE_WAIT_MARGIN = 60.0  # ... and its agent ends by itself this much later (th
 
 def spare_key(entry: KernelEntry) -> str:
     """Spares are per entry: everything that shapes the remote process (python, setup, env, cwd,
-    kernel_args, runtime_dir) is in the entry's stored form."""
-    return json.dumps(entry.to_dict(), sort_keys=True, separators=(",", ":"))
+    kernel_args, runtime_dir) is in the entry's fingerprint."""
+    return entry.fingerprint()
 
 
 @dataclass

@@ -77,3 +77,29 @@ def peer_uid(sock: socket.socket) -> int | None:
 def same_user(sock: socket.socket) -> bool:
     uid = peer_uid(sock)
     return uid is None or uid == os.getuid()
+
+
+class ForeignPeer(OSError):  # noqa: N818 - reads as what was found, like the OSErrors beside it
+    """The socket is served by another uid."""
+
+    def __init__(self, uid: int) -> None:
+        super().__init__(f"served by uid {uid}")
+        self.uid = uid
+
+
+def dial(path: str, timeout: float) -> socket.socket:
+    """A Unix socket connected to ``path`` whose peer is our own uid (SO_PEERCRED), blocking once
+    connected: OSError when nothing listens there, ForeignPeer when another uid does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        uid = peer_uid(sock)
+    except OSError:
+        sock.close()
+        raise
+    if uid is not None and uid != os.getuid():
+        sock.close()
+        raise ForeignPeer(uid)
+    sock.settimeout(None)
+    return sock
