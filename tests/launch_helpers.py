@@ -389,6 +389,16 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.05) -> boo
         time.sleep(interval)
 
 
+def restarted(km: Any, kc: BlockingKernelClient, *, now: bool) -> tuple[KernelFacts, KernelFacts]:
+    """Set a variable, restart through ``km`` (``now``: SIGKILL the launcher, as Jupyter's
+    "restart now" does), wait until ready: the kernel's facts (before, after)."""
+    execute(kc, "state = 42")
+    before = kernel_facts(kc)
+    km.restart_kernel(now=now)
+    kc.wait_for_ready(timeout=45)
+    return before, kernel_facts(kc)
+
+
 def wait_remote_gone(facts: KernelFacts, *, timeout: float = GONE_TIMEOUT) -> list[str]:
     """Wait until nothing of the kernel is left remotely; returns what is still there."""
     wait_until(lambda: not remote_leftovers(facts), timeout=timeout)

@@ -33,6 +33,7 @@ from launch_helpers import (
     kernel_table,
     launched_cli,
     remote_leftovers,
+    restarted,
     run_cli,
     single_kernel_config,
     started_kernel,
@@ -122,11 +123,7 @@ def test_restart_gives_a_new_kernel_and_leaves_nothing_of_the_old_one_on_the_rem
 ) -> None:
     install("e2e")
     with started_kernel("e2e") as (km, kc):
-        execute(kc, "state = 42")
-        before = kernel_facts(kc)
-        km.restart_kernel(now=now)
-        kc.wait_for_ready(timeout=45)
-        after = kernel_facts(kc)
+        before, after = restarted(km, kc, now=now)
         assert after.pid != before.pid
         assert after.remote_dir != before.remote_dir
         assert execute(kc, "'state' in globals()").result == "False"

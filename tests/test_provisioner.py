@@ -25,6 +25,7 @@ from launch_helpers import (
     kernel_facts,
     pid_alive,
     remote_leftovers,
+    restarted,
     run_cli,
     single_kernel_config,
     started_kernel,
@@ -87,11 +88,7 @@ def test_restart_under_the_provisioner_gives_a_new_kernel_and_leaves_nothing_of_
 ) -> None:
     synced("prov")
     with started_kernel("prov") as (km, kc):
-        execute(kc, "state = 42")
-        before = kernel_facts(kc)
-        km.restart_kernel(now=now)
-        kc.wait_for_ready(timeout=45)
-        after = kernel_facts(kc)
+        before, after = restarted(km, kc, now=now)
         assert after.pid != before.pid
         assert execute(kc, "'state' in globals()").result == "False"
         assert wait_remote_gone(before, timeout=10) == []

@@ -21,6 +21,7 @@ from launch_helpers import (
     execute,
     kernel_entry,
     kernel_facts,
+    restarted,
     run_cli,
     single_kernel_config,
     started_kernel,
@@ -225,12 +226,8 @@ def test_restart_now_through_the_service_waits_for_the_old_kernel_to_free_the_po
     (found by review: 4 of 10 restarts ended with "Address already in use" and a dead kernel)."""
     write_spec(kernel_entry(sshd, remote_python, "restarting", spare_kernel=spare))
     with started_kernel("restarting") as (km, kc):
-        for round_ in range(4):
-            execute(kc, f"state = {round_}")
-            before = kernel_facts(kc)
-            km.restart_kernel(now=True)
-            kc.wait_for_ready(timeout=45)
-            after = kernel_facts(kc)
+        for _ in range(4):
+            before, after = restarted(km, kc, now=True)
             assert after.pid != before.pid
             assert execute(kc, "'state' in globals()").result == "False"
             assert execute(kc, "print('still here')").stdout.strip() == "still here"
